@@ -1,0 +1,164 @@
+"""The job contract: the payload a platform sends, validated with pydantic v2.
+
+RunPod delivers ``{"id": <runpod id>, "input": <payload>}``. The payload carries
+``id`` (the platform's job id), ``type``, ``prompt``, ``negative_prompt``,
+``user_id``, ``config`` and ``metadata``. Family modules validate ``config`` and
+``metadata`` further with :func:`parse_section`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+log = logging.getLogger(__name__)
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
+MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 10_000
+
+
+class JobError(Exception):
+    """A job cannot run: ``field`` names the payload field at fault (or the stage)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class _Section(BaseModel):
+    """Base for payload sections: unknown keys are ignored, NaN and infinity refused."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, frozen=True)
+
+
+class JobRequest(_Section):
+    """The top level of a job payload."""
+
+    id: str = Field(pattern=ID_PATTERN)
+    type: str = Field(min_length=1, max_length=64)
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    user_id: str = Field(pattern=ID_PATTERN)
+    config: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class GenerationConfig(_Section):
+    """``config`` keys shared by every family."""
+
+    num_inference_steps: int | None = Field(None, ge=1, le=150)
+    guidance_scale: float | None = Field(None, ge=0, le=30)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    width: int | None = Field(None, gt=0)
+    height: int | None = Field(None, gt=0)
+    resolution: str | None = Field(None, pattern=r"^\d{1,5}x\d{1,5}$")
+    denoise_strength: float | None = Field(None, ge=0, le=1)
+    exact_copy_mode: bool | None = None
+
+
+class ReferenceMetadata(_Section):
+    """``metadata`` keys the worker reads; everything else is the platform's own."""
+
+    reference_image_url: str | None = Field(None, min_length=1, max_length=4096)
+    start_reference_url: str | None = Field(None, min_length=1, max_length=4096)
+    end_reference_url: str | None = Field(None, min_length=1, max_length=4096)
+    denoise_strength: float | None = Field(None, ge=0, le=1)
+    reference_strength: float | None = Field(None, ge=0, le=1)
+    exact_copy_mode: bool | None = None
+
+
+Section = TypeVar("Section", bound=BaseModel)
+
+
+_PATTERN_HINTS = {
+    "id": "must be 1-128 characters of A-Z a-z 0-9 _ -, starting with a letter or digit",
+    "user_id": "must be 1-128 characters of A-Z a-z 0-9 _ -, starting with a letter or digit",
+    "resolution": "must look like 1024x768 (WIDTHxHEIGHT)",
+}
+
+
+def _describe(err: ValidationError, prefix: str) -> JobError:
+    """The first validation error as ``field: reason``."""
+    first = err.errors()[0]
+    path = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "")
+    reason = first["msg"]
+    if first["type"] == "string_pattern_mismatch":
+        reason = _PATTERN_HINTS.get(str(first["loc"][-1]), reason)
+    return JobError(path or "input", reason)
+
+
+def parse_section(model: type[Section], data: Any, prefix: str = "") -> Section:
+    """Validate ``data`` as ``model``; errors name the field under ``prefix``."""
+    if not isinstance(data, dict):
+        raise JobError(prefix or "input", "must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise _describe(err, prefix) from None
+
+
+def parse_request(job: dict[str, Any]) -> JobRequest:
+    """Validate a RunPod job; the platform's ``input.id`` wins over RunPod's ``id``."""
+    payload = job.get("input")
+    if not isinstance(payload, dict):
+        raise JobError("input", "must be a JSON object")
+    if payload.get("id") in (None, ""):
+        payload = {**payload, "id": job.get("id")}
+    return parse_section(JobRequest, payload)
+
+
+def resolve_size(
+    config: GenerationConfig, *, multiple: int, lowest: int, highest: int
+) -> tuple[int, int] | None:
+    """The requested (width, height), or None when the config names no size."""
+    if config.resolution is not None:
+        if config.width is not None or config.height is not None:
+            raise JobError("config.resolution", "give either resolution or width/height, not both")
+        field = "config.resolution"
+        width, height = (int(part) for part in config.resolution.split("x"))
+    elif config.width is None and config.height is None:
+        return None
+    elif config.width is None or config.height is None:
+        missing = "width" if config.width is None else "height"
+        raise JobError(f"config.{missing}", "width and height must be given together")
+    else:
+        field = ""
+        width, height = config.width, config.height
+    for name, value in (("width", width), ("height", height)):
+        if value % multiple or not lowest <= value <= highest:
+            raise JobError(
+                field or f"config.{name}",
+                f"{name} must be a multiple of {multiple} between {lowest} and {highest}, got {value}",
+            )
+    return width, height
+
+
+def resolve_denoise(metadata: ReferenceMetadata, config: GenerationConfig, default: float) -> float:
+    """``denoise_strength`` from metadata, else config, else the legacy ``reference_strength``."""
+    if metadata.denoise_strength is not None:
+        return metadata.denoise_strength
+    if config.denoise_strength is not None:
+        return config.denoise_strength
+    if metadata.reference_strength is None:
+        return default
+    denoise = round(1.0 - metadata.reference_strength, 6)
+    log.warning(
+        "DEPRECATED: metadata.reference_strength=%s converted to denoise_strength=%s; "
+        "send denoise_strength instead",
+        metadata.reference_strength,
+        denoise,
+    )
+    return denoise
+
+
+def pick_seed(config: GenerationConfig) -> int:
+    """The job's base seed: the configured one, or a fresh random one to report."""
+    if config.seed is not None:
+        return config.seed
+    import secrets
+
+    return secrets.randbelow(MAX_SEED + 1)

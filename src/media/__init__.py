@@ -1,0 +1,1 @@
+"""Everything that is not a model: reference images, encoding, thumbnails, storage."""

@@ -1,0 +1,84 @@
+"""Where assets go: an S3-compatible bucket (boto3) or, for development, a local directory."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+from src.settings import Settings, StartupError
+
+CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "mp4": "video/mp4"}
+
+
+class Storage(Protocol):
+    """Stores bytes under a key in one bucket."""
+
+    bucket: str
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Store ``data`` at ``key``; raise on failure."""
+
+
+class S3Storage:
+    """An S3-compatible bucket: path-style addressing, checksums only when required."""
+
+    def __init__(self, settings: Settings) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = settings.bucket_name
+        self._client = boto3.client(
+            "s3",
+            endpoint_url=settings.bucket_endpoint_url,
+            aws_access_key_id=settings.bucket_access_key_id,
+            aws_secret_access_key=settings.bucket_secret_access_key,
+            region_name=settings.bucket_region or "us-east-1",
+            config=Config(
+                s3={"addressing_style": "path"},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                retries={"mode": "standard", "max_attempts": 5},
+                connect_timeout=10,
+                read_timeout=60,
+            ),
+        )
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Upload one object."""
+        self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+
+
+class LocalStorage:
+    """Writes the same keys under a directory (development and the demo)."""
+
+    def __init__(self, root: Path, bucket: str) -> None:
+        self.bucket = bucket
+        self.root = root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=root, prefix=".probe-"):
+                pass
+        except OSError as err:
+            raise StartupError(f"LOCAL_STORAGE_DIR {root} is not writable: {err.strerror}") from None
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Write one file atomically (temporary file, then rename)."""
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def build_storage(settings: Settings) -> Storage:
+    """The storage backend the settings name (settings guarantee exactly one)."""
+    if settings.local_storage_dir is not None:
+        return LocalStorage(settings.local_storage_dir, settings.bucket_name)
+    return S3Storage(settings)

@@ -1,0 +1,1 @@
+"""SDXL image family: plan, pipelines and tiny test models."""

@@ -1,0 +1,118 @@
+"""The SDXL family: one set of weights serving text-to-image and image-to-image."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from PIL import Image
+
+from src.contract import JobRequest
+from src.media.assets import GeneratedImage, Generation
+from src.media.images import fit_cover, size_for_aspect
+from src.media.reference import FetchLimits, fetch_reference
+from src.models import model_dirs
+from src.progress import Progress
+from src.sdxl.plan import DEFAULTS, SIZE_BOUNDS, SdxlPlan, plan_sdxl
+from src.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REFERENCE_AREA = 1024 * 1024  # output area when the size follows the reference's aspect
+WARM_UP_SIZE = 512
+
+
+class SdxlFamily:
+    """``sdxl_image_fast`` / ``sdxl_image_high`` on StableDiffusionXL(Img2Img)Pipeline."""
+
+    name = "sdxl"
+    job_types = frozenset(DEFAULTS)
+
+    def __init__(
+        self,
+        text2img: StableDiffusionXLPipeline,
+        img2img: StableDiffusionXLImg2ImgPipeline,
+        limits: FetchLimits,
+    ) -> None:
+        self.text2img = text2img
+        self.img2img = img2img
+        self.limits = limits
+
+    @classmethod
+    def load(cls, settings: Settings) -> SdxlFamily:
+        """Load the weights once; the img2img pipeline shares every component."""
+        from src.sdxl.tiny import build_tiny_sdxl
+
+        (path,) = model_dirs(settings, ["sdxl"], build_tiny_sdxl)
+        device = settings.torch_device
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        log.info("loading SDXL from %s on %s (%s)", path, device, dtype)
+        text2img = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype)
+        if device != "cpu":
+            text2img.to(device)
+        text2img.set_progress_bar_config(disable=True)
+        img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(text2img)
+        img2img.set_progress_bar_config(disable=True)
+        limits = FetchLimits(
+            settings.max_reference_bytes, settings.max_reference_pixels, settings.reference_timeout_s
+        )
+        return cls(text2img, img2img, limits)
+
+    def warm_up(self) -> None:
+        """Run both pipelines once so the first job pays no first-call cost."""
+        image = self.text2img(
+            "warm-up", width=WARM_UP_SIZE, height=WARM_UP_SIZE, num_inference_steps=2
+        ).images[0]
+        self.img2img("warm-up", image=image, strength=0.5, num_inference_steps=2)
+
+    def plan(self, request: JobRequest) -> SdxlPlan:
+        """Validate the SDXL part of the payload."""
+        return plan_sdxl(request)
+
+    def generate(self, plan: SdxlPlan, progress: Progress) -> Generation:
+        """Fetch the reference (if any), run the pipeline, return the images with metadata."""
+        reference = None
+        if plan.reference_url is not None:
+            reference = fetch_reference(plan.reference_url, "metadata.reference_image_url", self.limits)
+        size = plan.size or size_for_aspect(*reference.size, area=REFERENCE_AREA, **SIZE_BOUNDS)
+        images = self._run(plan, size, reference, progress)
+        extra: dict[str, Any] = {}
+        if plan.denoise_strength is not None:
+            extra["denoise_strength"] = plan.denoise_strength
+        assets = [
+            GeneratedImage(
+                image,
+                {**extra, "steps": plan.steps, "guidance_scale": plan.guidance_scale, "seed": seed},
+            )
+            for image, seed in zip(images, plan.seeds, strict=True)
+        ]
+        return Generation(assets, reference_mode="none" if reference is None else "single")
+
+    def _run(
+        self,
+        plan: SdxlPlan,
+        size: tuple[int, int],
+        reference: Image.Image | None,
+        progress: Progress,
+    ) -> list[Image.Image]:
+        def on_step(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            progress.step(step + 1, plan.steps)
+            return tensors
+
+        common: dict[str, Any] = {
+            "prompt": plan.prompt,
+            "negative_prompt": plan.negative_prompt,
+            "num_images_per_prompt": len(plan.seeds),
+            "generator": [torch.Generator("cpu").manual_seed(seed) for seed in plan.seeds],
+            "guidance_scale": plan.guidance_scale,
+            "num_inference_steps": plan.schedule_steps,
+            "callback_on_step_end": on_step,
+        }
+        with torch.inference_mode():
+            if reference is None:
+                width, height = size
+                return self.text2img(width=width, height=height, **common).images
+            image = fit_cover(reference, size)
+            return self.img2img(image=image, strength=plan.denoise_strength, **common).images

@@ -1,0 +1,92 @@
+"""Worker settings, read once from the environment at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Family = Literal["sdxl", "wan"]
+
+
+class StartupError(RuntimeError):
+    """The worker cannot start as configured; the message says what to fix."""
+
+
+class Settings(BaseSettings):
+    """Every environment variable the worker reads (documented in README.md)."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+
+    models_dir: Path = Field(Path("/models"), description="Where the baked model weights live.")
+    worker_models: Annotated[list[Family], NoDecode] = Field(
+        default=["sdxl", "wan"], description="Model families to load and warm, comma-separated."
+    )
+    model_profile: Literal["full", "tiny"] = Field(
+        "full", description="`full`: real weights from MODELS_DIR. `tiny`: small random models."
+    )
+    device: str = Field("auto", description="`auto` (CUDA when present), `cuda` or `cpu`.")
+
+    bucket_endpoint_url: str | None = None
+    bucket_access_key_id: str | None = None
+    bucket_secret_access_key: str | None = None
+    bucket_name: str = "workspace-temp"
+    bucket_region: str | None = None
+    local_storage_dir: Path | None = None
+
+    max_reference_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_reference_pixels: int = Field(40_000_000, gt=0)
+    reference_timeout_s: float = Field(20.0, gt=0)
+    progress_interval_s: float = Field(2.0, ge=0)
+
+    @field_validator("worker_models", mode="before")
+    @classmethod
+    def _split_families(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("worker_models")
+    @classmethod
+    def _dedupe_families(cls, value: list[Family]) -> list[Family]:
+        if not value:
+            raise ValueError("name at least one of: sdxl, wan")
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _one_storage_backend(self) -> Settings:
+        bucket = [self.bucket_endpoint_url, self.bucket_access_key_id, self.bucket_secret_access_key]
+        if self.local_storage_dir is not None and any(bucket):
+            raise ValueError("set either LOCAL_STORAGE_DIR or the BUCKET_* variables, not both")
+        if self.local_storage_dir is None and not all(bucket):
+            raise ValueError(
+                "no storage configured: set BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID and "
+                "BUCKET_SECRET_ACCESS_KEY (and optionally BUCKET_NAME, BUCKET_REGION), "
+                "or LOCAL_STORAGE_DIR for local development"
+            )
+        return self
+
+    @property
+    def torch_device(self) -> str:
+        """The torch device name the models run on."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_settings() -> Settings:
+    """Read settings from the environment, turning validation errors into one clear message."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{str(e['loc'][0]).upper() + ': ' if e['loc'] else ''}{e['msg'].removeprefix('Value error, ')}"
+            for e in err.errors()
+        )
+        raise StartupError(f"invalid worker settings: {problems}") from None

@@ -1,0 +1,137 @@
+"""Shared fixtures: a moto S3 server and an image server on 127.0.0.1, tiny-model workers."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+from PIL import Image
+
+from src.settings import Settings
+from src.worker import Worker, start_worker
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_MODELS_DIR = Path(os.environ.get("TEST_MODELS_DIR", REPO / ".cache" / "test-models"))
+BUCKET = "workspace-temp"
+CREDENTIALS = {"bucket_access_key_id": "testing", "bucket_secret_access_key": "testing"}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3-compatible server (moto's server mode) over HTTP on 127.0.0.1."""
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(s3_endpoint: str) -> Any:
+    """A boto3 client on the moto server, with the worker's bucket created."""
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket=BUCKET)
+    return client
+
+
+def list_keys(s3: Any, prefix: str) -> list[str]:
+    """Every key under ``prefix`` in the worker's bucket."""
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+def tiny_settings(s3_endpoint: str, families: list[str], **overrides: Any) -> Settings:
+    """Worker settings for tiny models and the moto bucket."""
+    values: dict[str, Any] = {
+        "models_dir": TEST_MODELS_DIR,
+        "model_profile": "tiny",
+        "worker_models": families,
+        "device": "cpu",
+        "bucket_endpoint_url": s3_endpoint,
+        "bucket_name": BUCKET,
+        **CREDENTIALS,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def sdxl_worker(s3: Any, s3_endpoint: str) -> Worker:
+    """A worker with the tiny SDXL family loaded and warmed, storing into moto."""
+    return start_worker(tiny_settings(s3_endpoint, ["sdxl"]))
+
+
+class ImageServer:
+    """Serves registered byte bodies over HTTP on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.bodies: dict[str, tuple[bytes, str]] = {}
+        routes = self.bodies
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = routes.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", body[1])
+                self.send_header("Content-Length", str(len(body[0])))
+                self.end_headers()
+                self.wfile.write(body[0])
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def add(self, path: str, body: bytes, content_type: str = "image/png") -> str:
+        """Serve ``body`` at ``path``; return its URL."""
+        self.bodies[path] = (body, content_type)
+        return self.base + path
+
+    def add_image(self, path: str, size: tuple[int, int], color: tuple[int, int, int] = (200, 40, 40)) -> str:
+        """Serve a PNG of ``size`` (a gradient, so resizing shows) at ``path``."""
+        image = Image.linear_gradient("L").resize(size).convert("RGB")
+        image = Image.blend(image, Image.new("RGB", size, color), 0.5)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return self.add(path, buffer.getvalue())
+
+
+@pytest.fixture(scope="session")
+def image_server() -> Iterator[ImageServer]:
+    """An HTTP server for reference images, on 127.0.0.1."""
+    server = ImageServer()
+    yield server
+    server.server.shutdown()
+
+
+@pytest.fixture
+def allow_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the SSRF-safe fetch reach the test's image server on 127.0.0.1."""
+    monkeypatch.setenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS", "true")
