@@ -7,11 +7,12 @@ import time
 
 from src.sdxl.plan import DEFAULTS as SDXL_TYPES
 from src.settings import Settings
+from src.wan.plan import DEFAULTS as WAN_TYPES
 from src.worker import ModelFamily
 
 log = logging.getLogger(__name__)
 
-JOB_TYPES = {"sdxl": frozenset(SDXL_TYPES)}
+JOB_TYPES = {"sdxl": frozenset(SDXL_TYPES), "wan": frozenset(WAN_TYPES)}
 ALL_JOB_TYPES = frozenset().union(*JOB_TYPES.values())
 
 
@@ -38,4 +39,6 @@ def _load(name: str, settings: Settings) -> ModelFamily:
         from src.sdxl.family import SdxlFamily
 
         return SdxlFamily.load(settings)
-    raise NotImplementedError(name)
+    from src.wan.family import WanFamily
+
+    return WanFamily.load(settings)

@@ -22,6 +22,9 @@ class ModelFamily(Protocol):
     name: str
     job_types: frozenset[str]
 
+    def warm_up(self) -> None:
+        """Run the models once so the first job pays no first-call cost."""
+
     def plan(self, request: JobRequest) -> Any:
         """Validate the family-specific payload; raise JobError naming the field."""
 

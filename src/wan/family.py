@@ -1,0 +1,133 @@
+"""The Wan 2.1 family: T2V 1.3B for text-only jobs, VACE 1.3B for reference modes.
+
+Both pipelines share one text encoder, tokenizer and VAE in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKLWan,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanVACEPipeline,
+    WanVACETransformer3DModel,
+)
+from PIL import Image
+
+from src.contract import JobRequest
+from src.media.assets import GeneratedImage, GeneratedVideo, Generation
+from src.media.reference import FetchLimits, fetch_reference
+from src.models import model_dirs
+from src.progress import Progress
+from src.settings import Settings
+from src.wan.conditioning import vace_inputs
+from src.wan.plan import DEFAULTS, FPS, WanPlan, plan_wan
+
+log = logging.getLogger(__name__)
+
+WARM_UP = {"width": 64, "height": 64, "num_frames": 5, "num_inference_steps": 1}
+
+
+class WanFamily:
+    """``video_*`` and ``image_*`` jobs on WanPipeline / WanVACEPipeline."""
+
+    name = "wan"
+    job_types = frozenset(DEFAULTS)
+
+    def __init__(self, text2video: WanPipeline, vace: WanVACEPipeline, limits: FetchLimits) -> None:
+        self.text2video = text2video
+        self.vace = vace
+        self.limits = limits
+
+    @classmethod
+    def load(cls, settings: Settings) -> WanFamily:
+        """Load T2V, then VACE's transformer only: encoder, tokenizer and VAE are shared."""
+        from src.wan.tiny import build_tiny_wan
+
+        t2v_dir, vace_dir = model_dirs(settings, ["wan-t2v", "wan-vace"], build_tiny_wan)
+        device = settings.torch_device
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        log.info("loading Wan T2V from %s and VACE from %s on %s (%s)", t2v_dir, vace_dir, device, dtype)
+        vae = AutoencoderKLWan.from_pretrained(t2v_dir, subfolder="vae", dtype=torch.float32)
+        text2video = WanPipeline.from_pretrained(t2v_dir, vae=vae, dtype=dtype)
+        vace = WanVACEPipeline(
+            tokenizer=text2video.tokenizer,
+            text_encoder=text2video.text_encoder,
+            vae=vae,
+            scheduler=UniPCMultistepScheduler.from_pretrained(vace_dir, subfolder="scheduler"),
+            transformer=WanVACETransformer3DModel.from_pretrained(
+                vace_dir, subfolder="transformer", dtype=dtype
+            ),
+        )
+        for pipe in (text2video, vace):
+            if device != "cpu":
+                pipe.to(device)
+            pipe.set_progress_bar_config(disable=True)
+        limits = FetchLimits(
+            settings.max_reference_bytes, settings.max_reference_pixels, settings.reference_timeout_s
+        )
+        return cls(text2video, vace, limits)
+
+    def warm_up(self) -> None:
+        """Run both pipelines once, small, so the first job pays no first-call cost."""
+        self.text2video("warm-up", **WARM_UP)
+        gray = Image.new("RGB", (WARM_UP["width"], WARM_UP["height"]), (128, 128, 128))
+        self.vace("warm-up", reference_images=[gray], **WARM_UP)
+
+    def plan(self, request: JobRequest) -> WanPlan:
+        """Validate the Wan part of the payload."""
+        return plan_wan(request)
+
+    def generate(self, plan: WanPlan, progress: Progress) -> Generation:
+        """Fetch references, run T2V or VACE, return one video (or one image)."""
+        images = {
+            mode: fetch_reference(ref.url, ref.field, self.limits) for mode, ref in plan.references.items()
+        }
+        frames = self._run(plan, images, progress)
+        metadata: dict[str, Any] = {}
+        if plan.denoise_strength is not None:
+            metadata["denoise_strength"] = plan.denoise_strength
+        if plan.is_video:
+            metadata.update(generation_seed=plan.seed, seed=plan.seed)
+            asset: GeneratedImage | GeneratedVideo = GeneratedVideo(frames, FPS, metadata)
+        else:
+            metadata.update(
+                steps=plan.steps,
+                guidance_scale=plan.guidance_scale,
+                seed=plan.seed,
+                generation_seed=plan.seed,
+            )
+            asset = GeneratedImage(Image.fromarray(frames[0]), metadata)
+        return Generation([asset], reference_mode=plan.reference_mode)
+
+    def _run(self, plan: WanPlan, images: dict[str, Image.Image], progress: Progress) -> np.ndarray:
+        def on_step(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            progress.step(step + 1, plan.steps)
+            return tensors
+
+        width, height = plan.size
+        pipe = self.vace if images else self.text2video
+        pipe.scheduler = UniPCMultistepScheduler.from_config(
+            pipe.scheduler.config, flow_shift=plan.flow_shift
+        )
+        extra = vace_inputs(plan, images) if images else {}
+        with torch.inference_mode():
+            output = pipe(
+                prompt=plan.prompt,
+                negative_prompt=plan.negative_prompt,
+                width=width,
+                height=height,
+                num_frames=plan.num_frames,
+                num_inference_steps=plan.steps,
+                guidance_scale=plan.guidance_scale,
+                generator=torch.Generator("cpu").manual_seed(plan.seed),
+                callback_on_step_end=on_step,
+                output_type="np",
+                **extra,
+            )
+        return (np.clip(output.frames[0], 0.0, 1.0) * 255).round().astype(np.uint8)
