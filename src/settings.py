@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     bucket_name: str = "workspace-temp"
     bucket_region: str | None = None
     local_storage_dir: Path | None = None
+    storage_timeout_s: float = Field(30.0, gt=0, description="Connect/read timeout of one S3 request.")
+    storage_max_attempts: int = Field(5, ge=1, le=20, description="Attempts per S3 request (with backoff).")
 
     max_reference_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_reference_pixels: int = Field(40_000_000, gt=0)

@@ -39,9 +39,9 @@ class S3Storage:
                 s3={"addressing_style": "path"},
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
-                retries={"mode": "standard", "max_attempts": 5},
-                connect_timeout=10,
-                read_timeout=60,
+                retries={"mode": "standard", "max_attempts": settings.storage_max_attempts},
+                connect_timeout=settings.storage_timeout_s,
+                read_timeout=settings.storage_timeout_s,
             ),
         )
 
