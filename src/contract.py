@@ -30,9 +30,10 @@ class JobError(Exception):
 
 
 class _Section(BaseModel):
-    """Base for payload sections: unknown keys are ignored, NaN and infinity refused."""
+    """Base for payload sections: JSON types only (no "3" for 3, no true for 1),
+    unknown keys ignored, NaN and infinity refused."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, frozen=True)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, frozen=True, strict=True)
 
 
 class JobRequest(_Section):

@@ -6,14 +6,16 @@ import http.server
 import io
 import os
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from src.settings import Settings
@@ -32,14 +34,35 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for_port(port: int, timeout: float = 60) -> None:
+    """Block until something accepts connections on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    """A real S3-compatible server (moto's server mode) over HTTP on 127.0.0.1."""
+    """A real S3-compatible server (moto's server mode, its own process) over HTTP on 127.0.0.1."""
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +104,19 @@ def tiny_settings(s3_endpoint: str, families: list[str], **overrides: Any) -> Se
 def sdxl_worker(s3: Any, s3_endpoint: str) -> Worker:
     """A worker with the tiny SDXL family loaded and warmed, storing into moto."""
     return start_worker(tiny_settings(s3_endpoint, ["sdxl"]))
+
+
+@pytest.fixture(scope="session")
+def wan_worker(s3: Any, s3_endpoint: str) -> Worker:
+    """A worker with the tiny Wan family loaded and warmed, storing into moto."""
+    return start_worker(tiny_settings(s3_endpoint, ["wan"]))
+
+
+@pytest.fixture(scope="session")
+def both_worker(sdxl_worker: Worker, wan_worker: Worker) -> Worker:
+    """A worker serving both families (sharing the loaded models of the two above)."""
+    settings = sdxl_worker.settings.model_copy(update={"worker_models": ["sdxl", "wan"]})
+    return Worker(settings, sdxl_worker.storage, sdxl_worker.families + wan_worker.families)
 
 
 class ImageServer:

@@ -15,16 +15,10 @@ from diffusers import WanPipeline, WanVACEPipeline
 from PIL import Image
 
 from src.media.images import fit_cover
-from src.worker import Worker, start_worker
-from tests.conftest import BUCKET, ImageServer, list_keys, tiny_settings
+from src.worker import Worker
+from tests.conftest import BUCKET, ImageServer, list_keys
 
 SIZE = (256, 256)
-
-
-@pytest.fixture(scope="module")
-def wan_worker(s3: Any, s3_endpoint: str) -> Worker:
-    """A worker with the tiny Wan family loaded and warmed, storing into moto."""
-    return start_worker(tiny_settings(s3_endpoint, ["wan"]))
 
 
 @pytest.fixture

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
-import time
+import socket
+import threading
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from requests import RequestException
+from requests import RequestException, Response
 from runpod.serverless.utils.rp_ssrf import SSRFError, iter_content_capped, safe_get
 
 from src.contract import JobError
@@ -37,31 +40,53 @@ def fetch_reference(url: str, field: str, limits: FetchLimits) -> Image.Image:
 
 
 def _download(url: str, field: str, limits: FetchLimits) -> bytes:
-    deadline = time.monotonic() + limits.timeout_s
     try:
         response = safe_get(url, timeout=limits.timeout_s, max_bytes=limits.max_bytes)
     except SSRFError as err:
-        raise JobError(field, f"refused to fetch the reference image: {err}") from None
+        raise JobError(field, _refusal(err, limits)) from None
     except RequestException as err:
         raise JobError(field, f"could not fetch the reference image: {type(err).__name__}") from None
-    with response:
-        if response.status_code != 200:
-            raise JobError(field, f"could not fetch the reference image: HTTP {response.status_code}")
-        chunks = []
-        try:
-            for chunk in iter_content_capped(response, _CHUNK, limits.max_bytes):
-                chunks.append(chunk)
-                if time.monotonic() > deadline:
-                    raise JobError(field, f"reference download took longer than {limits.timeout_s:g} s")
-        except SSRFError:
-            raise JobError(field, f"reference image is larger than {limits.max_bytes} bytes") from None
-        except RequestException as err:
-            raise JobError(field, f"could not fetch the reference image: {type(err).__name__}") from None
-    return b"".join(chunks)
+    # A server that drips bytes never trips a per-read timeout: cut the socket at the deadline.
+    watchdog = threading.Timer(limits.timeout_s, _abort, args=(response,))
+    watchdog.start()
+    try:
+        with response:
+            if response.status_code != 200:
+                raise JobError(field, f"could not fetch the reference image: HTTP {response.status_code}")
+            return b"".join(iter_content_capped(response, _CHUNK, limits.max_bytes))
+    except SSRFError as err:
+        raise JobError(field, _refusal(err, limits)) from None
+    except (RequestException, OSError) as err:
+        if not watchdog.is_alive():
+            raise JobError(field, f"reference download took longer than {limits.timeout_s:g} s") from None
+        raise JobError(field, f"could not fetch the reference image: {type(err).__name__}") from None
+    finally:
+        watchdog.cancel()
+
+
+def _refusal(err: SSRFError, limits: FetchLimits) -> str:
+    if "size cap" in str(err):
+        return f"reference image is larger than {limits.max_bytes} bytes"
+    return f"refused to fetch the reference image: {err}"
+
+
+def _abort(response: Response) -> None:
+    """Shut the response's socket so a blocked read returns at once."""
+    connection = getattr(response.raw, "_connection", None)
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
-    """Decode ``data`` into an upright RGB image (EXIF orientation applied, alpha on white)."""
+    """Decode ``data`` into an upright 8-bit RGB image.
+
+    The pixel count is checked from the header before any pixel is decoded.
+    EXIF orientation is applied, transparency is flattened on white, palette,
+    CMYK, 16-bit and float images are converted, and an animation gives its
+    first frame.
+    """
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
@@ -69,11 +94,24 @@ def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
             raise JobError(field, f"reference image has {width}x{height} pixels, more than {max_pixels}")
         image.seek(0)
         image.load()
-        image = ImageOps.exif_transpose(image)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, EOFError):
+        image = _to_8bit(ImageOps.exif_transpose(image))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, EOFError, SyntaxError):
         raise JobError(field, "reference is not a readable image") from None
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and float grayscale scaled to 8 bits (a plain convert would clip them)."""
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    peak = float(pixels.max(initial=0.0))
+    if image.mode.startswith("I;16") or (image.mode == "I" and peak > 255):
+        pixels = pixels / 257.0
+    elif image.mode == "F" and peak <= 1.0:
+        pixels = pixels * 255.0
+    return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), mode="L")

@@ -20,6 +20,9 @@ class Storage(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None:
         """Store ``data`` at ``key``; raise on failure."""
 
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (no error if it does not exist)."""
+
 
 class S3Storage:
     """An S3-compatible bucket: path-style addressing, checksums only when required."""
@@ -39,7 +42,7 @@ class S3Storage:
                 s3={"addressing_style": "path"},
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
-                retries={"mode": "standard", "max_attempts": settings.storage_max_attempts},
+                retries={"mode": "standard", "total_max_attempts": settings.storage_max_attempts},
                 connect_timeout=settings.storage_timeout_s,
                 read_timeout=settings.storage_timeout_s,
             ),
@@ -48,6 +51,10 @@ class S3Storage:
     def put(self, key: str, data: bytes, content_type: str) -> None:
         """Upload one object."""
         self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+
+    def delete(self, key: str) -> None:
+        """Remove one object."""
+        self._client.delete_object(Bucket=self.bucket, Key=key)
 
 
 class LocalStorage:
@@ -75,6 +82,39 @@ class LocalStorage:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def delete(self, key: str) -> None:
+        """Remove one file."""
+        (self.root / key).unlink(missing_ok=True)
+
+
+class JobObjects:
+    """A storage view for one job that remembers what it stored, so a failed job can remove it."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self.bucket = storage.bucket
+        self.keys: list[str] = []
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Store and remember ``key``."""
+        self._storage.put(key, data, content_type)
+        self.keys.append(key)
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``."""
+        self._storage.delete(key)
+
+    def remove_all(self) -> list[str]:
+        """Remove every object stored so far (best effort); return the keys that could not be removed."""
+        left = []
+        for key in self.keys:
+            try:
+                self._storage.delete(key)
+            except Exception:
+                left.append(key)
+        self.keys = left
+        return left
 
 
 def build_storage(settings: Settings) -> Storage:
