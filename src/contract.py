@@ -89,6 +89,8 @@ def _describe(err: ValidationError, prefix: str) -> JobError:
     reason = first["msg"]
     if first["type"] == "string_pattern_mismatch":
         reason = _PATTERN_HINTS.get(str(first["loc"][-1]), reason)
+    elif first["type"] == "dict_type":
+        reason = "must be a JSON object"
     return JobError(path or "input", reason)
 
 

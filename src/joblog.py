@@ -21,10 +21,10 @@ def redact(text: str) -> str:
     return _URL_QUERY.sub(r"\g<base>?<redacted>", text)
 
 
-def preview(prompt: str | None) -> str | None:
-    """A prompt cut to a loggable length."""
-    if prompt is None or len(prompt) <= PROMPT_CHARS:
-        return prompt
+def preview(prompt: object) -> str | None:
+    """A prompt cut to a loggable length (None when it is not text)."""
+    if not isinstance(prompt, str) or len(prompt) <= PROMPT_CHARS:
+        return prompt if isinstance(prompt, str) else None
     return prompt[:PROMPT_CHARS] + f"...(+{len(prompt) - PROMPT_CHARS} chars)"
 
 

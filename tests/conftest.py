@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,11 +124,16 @@ class ImageServer:
 
     def __init__(self) -> None:
         self.bodies: dict[str, tuple[bytes, str]] = {}
-        routes = self.bodies
+        self.routes: dict[str, Callable[[http.server.BaseHTTPRequestHandler], None]] = {}
+        bodies, routes = self.bodies, self.routes
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                body = routes.get(self.path)
+                path = self.path.split("?", 1)[0]
+                if path in routes:
+                    routes[path](self)
+                    return
+                body = bodies.get(path)
                 if body is None:
                     self.send_error(404)
                     return
@@ -142,12 +147,18 @@ class ImageServer:
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def add(self, path: str, body: bytes, content_type: str = "image/png") -> str:
         """Serve ``body`` at ``path``; return its URL."""
         self.bodies[path] = (body, content_type)
+        return self.base + path
+
+    def add_route(self, path: str, respond: Callable[[http.server.BaseHTTPRequestHandler], None]) -> str:
+        """Answer GET ``path`` with ``respond(handler)``; return its URL."""
+        self.routes[path] = respond
         return self.base + path
 
     def add_image(self, path: str, size: tuple[int, int], color: tuple[int, int, int] = (200, 40, 40)) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,14 +89,10 @@ def test_local_harness_exits_nonzero_on_a_bad_job(tmp_path: Path) -> None:
     assert not (tmp_path / "harness").exists()
 
 
-def test_runsync_on_the_local_api_server(s3: Any, s3_endpoint: str) -> None:
+@contextlib.contextmanager
+def api_server(env: dict[str, str]) -> Iterator[str]:
+    """``handler.py --rp_serve_api`` on a free port; yields its base URL once it answers."""
     port = free_port()
-    env = tiny_env(
-        BUCKET_ENDPOINT_URL=s3_endpoint,
-        BUCKET_ACCESS_KEY_ID="testing",
-        BUCKET_SECRET_ACCESS_KEY="testing",
-        BUCKET_NAME=BUCKET,
-    )
     server = subprocess.Popen(
         [
             sys.executable,
@@ -123,11 +121,25 @@ def test_runsync_on_the_local_api_server(s3: Any, s3_endpoint: str) -> None:
             except requests.ConnectionError:
                 assert time.monotonic() < deadline, "API server did not start"
                 time.sleep(0.5)
-        ok = requests.post(f"{base}/runsync", json=job("api-1"), timeout=240).json()
-        bad = requests.post(f"{base}/runsync", json=job("api-2", type="nope"), timeout=60).json()
+        yield base
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def s3_env(s3_endpoint: str) -> dict[str, str]:
+    return tiny_env(
+        BUCKET_ENDPOINT_URL=s3_endpoint,
+        BUCKET_ACCESS_KEY_ID="testing",
+        BUCKET_SECRET_ACCESS_KEY="testing",
+        BUCKET_NAME=BUCKET,
+    )
+
+
+def test_runsync_on_the_local_api_server(s3: Any, s3_endpoint: str) -> None:
+    with api_server(s3_env(s3_endpoint)) as base:
+        ok = requests.post(f"{base}/runsync", json=job("api-1"), timeout=240).json()
+        bad = requests.post(f"{base}/runsync", json=job("api-2", type="nope"), timeout=60).json()
     assert ok["status"] == "COMPLETED", ok
     assert ok["output"]["job_id"] == "api-1" and ok["output"]["status"] == "completed"
     assert ok["output"]["assets"][0]["url"] == "workspace-temp/harness/api-1/0.png"

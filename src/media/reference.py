@@ -47,7 +47,8 @@ def _download(url: str, field: str, limits: FetchLimits) -> bytes:
     except RequestException as err:
         raise JobError(field, f"could not fetch the reference image: {type(err).__name__}") from None
     # A server that drips bytes never trips a per-read timeout: cut the socket at the deadline.
-    watchdog = threading.Timer(limits.timeout_s, _abort, args=(response,))
+    timed_out = threading.Event()
+    watchdog = threading.Timer(limits.timeout_s, _abort, args=(response, timed_out))
     watchdog.start()
     try:
         with response:
@@ -57,7 +58,7 @@ def _download(url: str, field: str, limits: FetchLimits) -> bytes:
     except SSRFError as err:
         raise JobError(field, _refusal(err, limits)) from None
     except (RequestException, OSError) as err:
-        if not watchdog.is_alive():
+        if timed_out.is_set():
             raise JobError(field, f"reference download took longer than {limits.timeout_s:g} s") from None
         raise JobError(field, f"could not fetch the reference image: {type(err).__name__}") from None
     finally:
@@ -70,10 +71,11 @@ def _refusal(err: SSRFError, limits: FetchLimits) -> str:
     return f"refused to fetch the reference image: {err}"
 
 
-def _abort(response: Response) -> None:
+def _abort(response: Response, timed_out: threading.Event) -> None:
     """Shut the response's socket so a blocked read returns at once."""
-    connection = getattr(response.raw, "_connection", None)
-    sock = getattr(connection, "sock", None)
+    timed_out.set()
+    socket_io = getattr(getattr(getattr(response.raw, "_fp", None), "fp", None), "raw", None)
+    sock = getattr(socket_io, "_sock", None)
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
@@ -88,14 +90,17 @@ def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
     first frame.
     """
     try:
-        image = Image.open(io.BytesIO(data))
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:
+            raise JobError(field, f"reference image has more than {max_pixels} pixels") from None
         width, height = image.size
         if width * height > max_pixels:
             raise JobError(field, f"reference image has {width}x{height} pixels, more than {max_pixels}")
         image.seek(0)
         image.load()
         image = _to_8bit(ImageOps.exif_transpose(image))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, EOFError, SyntaxError):
+    except (UnidentifiedImageError, OSError, ValueError, EOFError, SyntaxError):
         raise JobError(field, "reference is not a readable image") from None
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
