@@ -295,3 +295,21 @@ def test_a_worker_without_wan_says_so(sdxl_worker: Worker) -> None:
     assert result["error"] == (
         "type: 'video_fast' needs a model family this worker does not load (WORKER_MODELS=sdxl)"
     )
+
+
+def test_legacy_reference_strength_payload(
+    wan_worker: Worker,
+    s3: Any,
+    image_server: ImageServer,
+    allow_loopback: None,
+    calls: dict,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = image_server.add_image("/legacy-start.png", (256, 256))
+    result = wan_worker.handle(
+        wan_job("legacy-wan", metadata={"start_reference_url": url, "reference_strength": 0.7})
+    )
+    assert result["status"] == "completed", result
+    assert result["assets"][0]["metadata"]["denoise_strength"] == pytest.approx(0.3)
+    assert calls["vace"][0]["conditioning_scale"] == pytest.approx(0.7)
+    assert "DEPRECATED" in caplog.text
