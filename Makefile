@@ -20,6 +20,7 @@ demo: install
 
 lint: install
 	$(PY) -m ruff check .
+	$(VENV)/bin/hadolint Dockerfile
 
 test: install lint
 	$(PY) -m pytest -q

@@ -846,8 +846,12 @@ def read_token(token_file: str | None) -> str | None:
     return os.environ.get("HF_TOKEN") or None
 
 
+def truthy(value: str | None) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
 def offline_from_env() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return truthy(os.environ.get("HF_HUB_OFFLINE"))
 
 
 def default_download_cache() -> Path:
@@ -932,7 +936,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--delete-downloads",
         action="store_true",
-        help="remove each repo from the download cache once its model is built (saves disk in CI)",
+        default=truthy(os.environ.get("DELETE_DOWNLOADS")),
+        help="remove each repo from the download cache once its model is built, to save disk "
+        "(default: $DELETE_DOWNLOADS)",
     )
     return parser.parse_args(argv)
 
