@@ -717,6 +717,8 @@ def build(families: Iterable[str], options: BuildOptions) -> dict[str, str]:
             log.info("%s: complete in %s, skipped", spec.name, target)
             results[spec.name] = "skipped"
             continue
+        if reason.startswith("no manifest"):
+            log.warning("%s: %s exists without a manifest and will be replaced", spec.name, target)
         log.info("%s: building (%s)", spec.name, reason)
         started = time.monotonic()
         _build_model(spec, recipe, target, options)
@@ -809,7 +811,7 @@ def _build_part(
             except Exception as err:
                 _remove(written)
                 if not is_transient(err):
-                    problems.append(f"{source.label}: {type(err).__name__}: {err}")
+                    problems.append(f"{source.label}: {type(err).__name__}: {err}{auth_hint(err)}")
                     break
                 if attempt >= options.retries:
                     problems.append(f"{source.label}: gave up after {attempt} attempts: {err}")
@@ -826,6 +828,14 @@ def _build_part(
                 )
                 options.sleep(delay)
     raise BuildError(f"{part.repo}@{revision}: no source could provide it: " + "; ".join(problems))
+
+
+def auth_hint(err: BaseException) -> str:
+    """What to do about a refused hub request."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status in (401, 403):
+        return " (pass a Hugging Face token: HF_TOKEN, or the build secret hf_token)"
+    return ""
 
 
 def _remove(paths: list[Path]) -> None:
