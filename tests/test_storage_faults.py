@@ -120,9 +120,7 @@ def test_server_gone_halfway_then_retried_job_leaves_no_strays(
     worker = worker_via(proxy.url, sdxl_worker)
     result = worker.handle(job("gone-halfway"))
     assert result["status"] == "failed" and result["error"].startswith("storage: "), result
-    assert list_keys(s3, "faults/gone-halfway/") == [
-        "faults/gone-halfway/0.png",
-        "faults/gone-halfway/0.thumb.webp",
-    ]
+    stranded = list_keys(s3, "faults/gone-halfway/")  # which two depends on upload order
+    assert len(stranded) == 2 and set(stranded) < set(expected_keys("gone-halfway", 3))
     proxy.faults = []  # the server is back; the platform retries the same job
     assert_stored(s3, worker.handle(job("gone-halfway")), "gone-halfway", 3)
