@@ -48,7 +48,7 @@ ARG BAKE_MODELS=${WORKER_MODELS}
 ARG DELETE_DOWNLOADS=
 ENV MODELS_DIR=/models \
     WORKER_MODELS=${WORKER_MODELS}
-COPY builder/__init__.py builder/download_models.py builder/
+COPY builder/*.py builder/
 RUN --mount=type=secret,id=hf_token,required=false \
     --mount=type=cache,target=/var/cache/hf-downloads,sharing=locked \
     case ",${BAKE_MODELS}," in \

@@ -282,7 +282,7 @@ def test_dockerfile_contract() -> None:
     copies = [value for kind, value in steps if kind == "COPY"]
     order = [
         next(i for i, c in enumerate(copies) if "requirements.txt" in c),
-        next(i for i, c in enumerate(copies) if "download_models.py" in c),
+        next(i for i, c in enumerate(copies) if fnmatch.fnmatch("builder/download_models.py", c.split()[0])),
         next(i for i, c in enumerate(copies) if c.startswith("handler.py")),
         next(i for i, c in enumerate(copies) if c.startswith("src/")),
     ]
@@ -315,6 +315,9 @@ def test_dockerignore_keeps_what_the_dockerfile_copies_and_nothing_else() -> Non
             copied += value.split()[:-1]
     for source in copied:
         assert not dockerignore_excludes(source.rstrip("/") + ("/worker.py" if source == "src/" else ""))
+    for module in sorted((REPO / "builder").glob("*.py")):  # the bake imports every builder module
+        rel = module.relative_to(REPO).as_posix()
+        assert any(fnmatch.fnmatch(rel, source) for source in copied) and not dockerignore_excludes(rel), rel
     for path in (".git/HEAD", ".venv/bin/python", ".cache/test-models/x", "outputs/a.png", "tests/test_x.py"):
         assert dockerignore_excludes(path), path
     assert dockerignore_excludes("src/__pycache__/worker.cpython-311.pyc")
