@@ -16,21 +16,50 @@ JOB_TYPES = {"sdxl": frozenset(SDXL_TYPES), "wan": frozenset(WAN_TYPES)}
 ALL_JOB_TYPES = frozenset().union(*JOB_TYPES.values())
 
 
+# What the last start-up took, for logs and the benchmark: seconds per phase and family.
+STARTUP: dict[str, object] = {}
+
+
 def load_families(settings: Settings) -> list[ModelFamily]:
-    """Load and warm every family named in WORKER_MODELS, once, at start-up."""
+    """Load and warm every family named in WORKER_MODELS, once, at start-up.
+
+    With COMPILE on, the compile cache is loaded before the warm-ups (which compile) and
+    saved after them when it was missing; then jobs run with compilation off.
+    """
+    from src import acceleration
+
+    STARTUP.clear()
+    device = settings.torch_device
     families: list[ModelFamily] = []
     for name in settings.worker_models:
         started = time.perf_counter()
-        family = _load(name, settings)
-        loaded = time.perf_counter()
+        families.append(_load(name, settings))
+        STARTUP[f"load_{name}_s"] = round(time.perf_counter() - started, 2)
+    compiling = acceleration.compile_enabled(settings, device)
+    cache = None
+    if compiling:
+        started = time.perf_counter()
+        cache = acceleration.CompileCache.for_worker(
+            settings, device, {"compile_sdxl": settings.compile_sdxl}
+        )
+        STARTUP["compile_cache"] = "loaded" if cache.load() else "missing"
+        STARTUP["cache_load_s"] = round(time.perf_counter() - started, 2)
+    for family in families:
+        started = time.perf_counter()
         family.warm_up()
+        STARTUP[f"warm_up_{family.name}_s"] = round(time.perf_counter() - started, 2)
         log.info(
             "%s ready: load %.1f s, warm-up %.1f s",
-            name,
-            loaded - started,
-            time.perf_counter() - loaded,
+            family.name,
+            STARTUP[f"load_{family.name}_s"],
+            STARTUP[f"warm_up_{family.name}_s"],
         )
-        families.append(family)
+    if cache is not None:
+        if not cache.loaded:
+            started = time.perf_counter()
+            STARTUP["compile_cache"] = "saved" if cache.save() else "not saved"
+            STARTUP["cache_save_s"] = round(time.perf_counter() - started, 2)
+        acceleration.serve_without_compiling()
     return families
 
 

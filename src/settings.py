@@ -43,6 +43,27 @@ class Settings(BaseSettings):
     reference_timeout_s: float = Field(20.0, gt=0)
     progress_interval_s: float = Field(2.0, ge=0)
 
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="torch.compile the SDXL UNet and the Wan transformer blocks during start-up warm-up "
+        "(`auto`: on CUDA only). Jobs never compile: shapes not warmed run eagerly.",
+    )
+    compile_sdxl: bool = Field(
+        False,
+        description="With COMPILE on, also compile the SDXL UNet (dynamic batch). Off: measured slower "
+        "than eager on an H100 (docs/PERFORMANCE.md).",
+    )
+    compile_cache_dir: Path | None = Field(
+        None,
+        description="Where compile artifacts are saved and reloaded (default MODELS_DIR/compile-cache); "
+        "point it at a network volume to share them between workers.",
+    )
+    attention_backend: Literal["auto", "cudnn", "flash", "native"] = Field(
+        "auto",
+        description="Wan attention kernel: `auto` (cuDNN on CUDA), `cudnn`, `flash`, `native` "
+        "(PyTorch SDPA).",
+    )
+
     @field_validator("worker_models", mode="before")
     @classmethod
     def _split_families(cls, value: object) -> object:
@@ -69,6 +90,11 @@ class Settings(BaseSettings):
                 "or LOCAL_STORAGE_DIR for local development"
             )
         return self
+
+    @property
+    def compile_cache_path(self) -> Path:
+        """COMPILE_CACHE_DIR, or MODELS_DIR/compile-cache."""
+        return self.compile_cache_dir or self.models_dir / "compile-cache"
 
     @property
     def torch_device(self) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,13 +14,40 @@ from src.media.images import encode_png, thumbnail_webp
 from src.media.storage import CONTENT_TYPES, Storage
 from src.media.video import encode_mp4
 
+# Encoding and uploads run on these threads (PIL, zlib, libwebp and sockets release the GIL),
+# so a job's images encode in parallel and, started by the family, while the GPU still works.
+_POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="assets")
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image's PNG and WEBP thumbnail bytes."""
+
+    png: bytes
+    thumbnail: bytes
+
+
+def encode_image(image: Image.Image) -> EncodedImage:
+    """PNG and thumbnail of ``image``, the two encodes in parallel."""
+    thumbnail = _POOL.submit(thumbnail_webp, image)
+    return EncodedImage(encode_png(image), thumbnail.result())
+
+
+def encode_image_async(image: Image.Image) -> Future[EncodedImage]:
+    """Start encoding ``image`` now (PNG on one thread, thumbnail on another)."""
+    return _POOL.submit(lambda: EncodedImage(encode_png(image), thumbnail_webp(image)))
+
 
 @dataclass(frozen=True)
 class GeneratedImage:
-    """One generated image and the family's metadata for it (steps, seed, ...)."""
+    """One generated image and the family's metadata for it (steps, seed, ...).
+
+    ``encoded``: the PNG/thumbnail encoding, when the family started it early.
+    """
 
     image: Image.Image
     metadata: dict[str, Any] = field(default_factory=dict)
+    encoded: Future[EncodedImage] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -45,9 +74,11 @@ def _put(storage: Storage, key: str, data: bytes, fmt: str) -> str:
 
 def store_image(storage: Storage, prefix: str, index: int, generated: GeneratedImage) -> dict[str, Any]:
     """Store ``{index}.png`` and ``{index}.thumb.webp`` under ``prefix``; return the callback entry."""
-    png = encode_png(generated.image)
+    encoded = generated.encoded.result() if generated.encoded is not None else encode_image(generated.image)
+    png = encoded.png
+    thumbnail = _POOL.submit(_put, storage, f"{prefix}/{index}.thumb.webp", encoded.thumbnail, "webp")
     url = _put(storage, f"{prefix}/{index}.png", png, "png")
-    thumbnail_url = _put(storage, f"{prefix}/{index}.thumb.webp", thumbnail_webp(generated.image), "webp")
+    thumbnail_url = thumbnail.result()
     width, height = generated.image.size
     return {
         "type": "image",
@@ -91,11 +122,16 @@ def store_video(storage: Storage, prefix: str, index: int, generated: GeneratedV
 def store_generation(
     storage: Storage, user_id: str, job_id: str, generation: Generation
 ) -> list[dict[str, Any]]:
-    """Store every asset of a job; raises if any object cannot be stored."""
+    """Store every asset of a job (assets in parallel); raises if any object cannot be stored."""
     prefix = f"{user_id}/{job_id}"
-    return [
-        store_video(storage, prefix, i, asset)
-        if isinstance(asset, GeneratedVideo)
-        else store_image(storage, prefix, i, asset)
-        for i, asset in enumerate(generation.assets)
-    ]
+
+    def store(index: int, asset: GeneratedImage | GeneratedVideo) -> dict[str, Any]:
+        if isinstance(asset, GeneratedVideo):
+            return store_video(storage, prefix, index, asset)
+        return store_image(storage, prefix, index, asset)
+
+    if len(generation.assets) == 1:
+        return [store(0, generation.assets[0])]
+    with ThreadPoolExecutor(max_workers=len(generation.assets), thread_name_prefix="store") as pool:
+        futures = [pool.submit(store, i, asset) for i, asset in enumerate(generation.assets)]
+        return [future.result() for future in futures]

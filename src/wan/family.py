@@ -19,8 +19,9 @@ from diffusers import (
 )
 from PIL import Image
 
+from src import acceleration
 from src.contract import JobRequest
-from src.media.assets import GeneratedImage, GeneratedVideo, Generation
+from src.media.assets import GeneratedImage, GeneratedVideo, Generation, encode_image_async
 from src.media.reference import FetchLimits, fetch_reference
 from src.models import model_dirs
 from src.progress import Progress
@@ -31,6 +32,10 @@ from src.wan.plan import DEFAULTS, FPS, WanPlan, plan_wan
 log = logging.getLogger(__name__)
 
 WARM_UP = {"width": 64, "height": 64, "num_frames": 5, "num_inference_steps": 1}
+# Shapes compiled at start-up when COMPILE is on: (width, height, frames). VACE is warmed with
+# and without a reference image (which adds one latent frame); other shapes run eagerly.
+COMPILED_SHAPES = ((832, 480, 81),)
+TEXT_TOKENS = 512  # WanPipeline's max_sequence_length
 
 
 class WanFamily:
@@ -39,10 +44,13 @@ class WanFamily:
     name = "wan"
     job_types = frozenset(DEFAULTS)
 
-    def __init__(self, text2video: WanPipeline, vace: WanVACEPipeline, limits: FetchLimits) -> None:
+    def __init__(
+        self, text2video: WanPipeline, vace: WanVACEPipeline, limits: FetchLimits, compiled: bool = False
+    ) -> None:
         self.text2video = text2video
         self.vace = vace
         self.limits = limits
+        self.compiled = compiled
 
     @classmethod
     def load(cls, settings: Settings) -> WanFamily:
@@ -68,16 +76,58 @@ class WanFamily:
             if device != "cpu":
                 pipe.to(device)
             pipe.set_progress_bar_config(disable=True)
+        transformers = (text2video.transformer, vace.transformer)
+        acceleration.set_attention_backend(transformers, acceleration.attention_backend(settings, device))
+        compiled = acceleration.compile_enabled(settings, device)
+        if compiled:
+            for transformer in transformers:
+                acceleration.compile_repeated_blocks(transformer)
         limits = FetchLimits(
             settings.max_reference_bytes, settings.max_reference_pixels, settings.reference_timeout_s
         )
-        return cls(text2video, vace, limits)
+        return cls(text2video, vace, limits, compiled)
 
     def warm_up(self) -> None:
-        """Run both pipelines once, small, so the first job pays no first-call cost."""
-        self.text2video("warm-up", **WARM_UP)
-        gray = Image.new("RGB", (WARM_UP["width"], WARM_UP["height"]), (128, 128, 128))
-        self.vace("warm-up", reference_images=[gray], **WARM_UP)
+        """Run both pipelines once, small, so the first job pays no first-call cost.
+
+        With COMPILE on, the transformers' blocks also compile here, at COMPILED_SHAPES
+        (the small pipeline run stays eager so that it compiles nothing).
+        """
+        with torch.compiler.set_stance("force_eager") if self.compiled else _nothing():
+            self.text2video("warm-up", **WARM_UP)
+            gray = Image.new("RGB", (WARM_UP["width"], WARM_UP["height"]), (128, 128, 128))
+            self.vace("warm-up", reference_images=[gray], **WARM_UP)
+        if self.compiled:
+            for width, height, frames in COMPILED_SHAPES:
+                self._warm_transformers(width, height, frames)
+
+    def _warm_transformers(self, width: int, height: int, frames: int) -> None:
+        """Call each transformer as the pipelines do (bf16 inputs, CFG batch 1) at one shape."""
+        pipe = self.text2video
+        transformer = pipe.transformer
+        device, dtype = transformer.device, transformer.dtype
+        latent_frames = (frames - 1) // pipe.vae_scale_factor_temporal + 1
+        latent_size = (height // pipe.vae_scale_factor_spatial, width // pipe.vae_scale_factor_spatial)
+        text = torch.randn(1, TEXT_TOKENS, transformer.config.text_dim, device=device, dtype=dtype)
+        timestep = torch.tensor([999], device=device)
+        channels = transformer.config.in_channels
+        vace = self.vace.transformer
+        scale = torch.ones(len(vace.config.vace_layers), device=device, dtype=dtype)
+        with torch.inference_mode():
+            latents = torch.randn(1, channels, latent_frames, *latent_size, device=device, dtype=dtype)
+            transformer(latents, timestep, text, return_dict=False)
+            for extra_frames in (0, 1):  # start/end/both modes; single mode (reference frame prepended)
+                shape = (latent_frames + extra_frames, *latent_size)
+                latents = torch.randn(1, channels, *shape, device=device, dtype=dtype)
+                control = torch.randn(1, vace.config.vace_in_channels, *shape, device=device, dtype=dtype)
+                vace(
+                    hidden_states=latents,
+                    timestep=timestep,
+                    encoder_hidden_states=text,
+                    control_hidden_states=control,
+                    control_hidden_states_scale=scale,
+                    return_dict=False,
+                )
 
     def plan(self, request: JobRequest) -> WanPlan:
         """Validate the Wan part of the payload."""
@@ -102,7 +152,8 @@ class WanFamily:
                 seed=plan.seed,
                 generation_seed=plan.seed,
             )
-            asset = GeneratedImage(Image.fromarray(frames[0]), metadata)
+            image = Image.fromarray(frames[0])
+            asset = GeneratedImage(image, metadata, encoded=encode_image_async(image))
         return Generation([asset], reference_mode=plan.reference_mode)
 
     def _run(self, plan: WanPlan, images: dict[str, Image.Image], progress: Progress) -> np.ndarray:
@@ -127,7 +178,16 @@ class WanFamily:
                 guidance_scale=plan.guidance_scale,
                 generator=torch.Generator("cpu").manual_seed(plan.seed),
                 callback_on_step_end=on_step,
-                output_type="np",
+                output_type="pt",
                 **extra,
             )
-        return (np.clip(output.frames[0], 0.0, 1.0) * 255).round().astype(np.uint8)
+            # Same arithmetic as output_type="np" + clip/scale/round on the CPU (float32, round half
+            # to even), done on the device so only uint8 frames cross to the host.
+            video = output.frames[0].float().clamp(0.0, 1.0).mul(255).round().to(torch.uint8)
+            return video.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def _nothing():
+    from contextlib import nullcontext
+
+    return nullcontext()

@@ -1,0 +1,253 @@
+"""Build the true-size SDXL and Wan 2.1 architectures with random weights in the worker's layout.
+
+Speed does not depend on weight values, so the benchmark runs on random weights
+written exactly where and how the real baked weights live (see src/models.py):
+
+- ``MODELS_DIR/sdxl``: StableDiffusionXLPipeline, fp16, fp16-fix VAE config (``force_upcast: false``)
+- ``MODELS_DIR/wan-t2v``: WanPipeline, bf16 transformer and UMT5-XXL, fp32 VAE
+- ``MODELS_DIR/wan-vace``: ``model_index.json``, ``transformer/`` (bf16) and ``scheduler/`` only
+  (the worker shares the rest from wan-t2v)
+
+Modules are created on the GPU (fast init) directly in their storage dtype; weights are
+then overwritten with a small random normal so activations stay finite. Tokenizers are
+the tiny builders' (every id they produce is below the true vocab sizes).
+
+Usage: python -m bench.build_models MODELS_DIR [--only sdxl,wan]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+SDXL_UNET = dict(
+    act_fn="silu",
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20],
+    block_out_channels=[320, 640, 1280],
+    cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    projection_class_embeddings_input_dim=2816,
+    sample_size=128,
+    transformer_layers_per_block=[1, 2, 10],
+    use_linear_projection=True,
+    norm_num_groups=32,
+)
+SDXL_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    latent_channels=4,
+    layers_per_block=2,
+    sample_size=1024,
+    scaling_factor=0.13025,
+    force_upcast=False,  # the fp16-fix VAE production uses
+)
+WAN_TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+
+
+@torch.no_grad()
+def _randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Small random normal weights (std 0.02, fan-in scaled for big matrices), norms at 1."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    for name, param in module.named_parameters():
+        if param.ndim <= 1:
+            if "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+        else:
+            fan_in = param[0].numel()
+            param.normal_(0.0, min(0.02, fan_in**-0.5), generator=gen)
+    return module
+
+
+def _on_gpu(dtype: torch.dtype, build):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("cuda"):
+            return build()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_sdxl(target: Path) -> None:
+    """SDXL base 1.0 layout, fp16."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from src.sdxl.tiny import _tokenizer
+
+    tokenizer = _tokenizer(pad_token="<|endoftext|>")
+    tokenizer_2 = _tokenizer(pad_token="!")
+
+    def clip_config(hidden: int, inter: int, layers: int, heads: int, act: str) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=77,
+            projection_dim=1280,
+            hidden_act=act,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+    fp16 = torch.float16
+    unet = _randomise(_on_gpu(fp16, lambda: UNet2DConditionModel(**SDXL_UNET)), 1)
+    vae = _randomise(_on_gpu(fp16, lambda: AutoencoderKL(**SDXL_VAE)), 2)
+    text_encoder = _randomise(
+        _on_gpu(fp16, lambda: CLIPTextModel(clip_config(768, 3072, 12, 12, "quick_gelu"))), 3
+    )
+    text_encoder_2 = _randomise(
+        _on_gpu(fp16, lambda: CLIPTextModelWithProjection(clip_config(1280, 5120, 32, 20, "gelu"))), 4
+    )
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+        steps_offset=1,
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.save_pretrained(target)
+
+
+def _wan_scheduler():
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(
+        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+
+
+def build_wan(t2v_dir: Path, vace_dir: Path) -> None:
+    """Wan 2.1 T2V 1.3B (bf16, UMT5-XXL bf16, VAE fp32) and VACE 1.3B (transformer + scheduler)."""
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel, WanVACETransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from src.wan.tiny import _tokenizer
+
+    bf16 = torch.bfloat16
+    tokenizer = _tokenizer()
+    config = UMT5Config(
+        vocab_size=256384,
+        d_model=4096,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        d_kv=64,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    text_encoder = _randomise(_on_gpu(bf16, lambda: UMT5EncoderModel(config)), 5)
+    transformer = _randomise(_on_gpu(bf16, lambda: WanTransformer3DModel(**WAN_TRANSFORMER)), 6)
+    vae = _randomise(_on_gpu(torch.float32, AutoencoderKLWan), 7)
+    t2v = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=_wan_scheduler(),
+        transformer=transformer,
+    )
+    t2v.save_pretrained(t2v_dir)
+    del t2v, text_encoder, transformer
+    torch.cuda.empty_cache()
+
+    vace = _randomise(
+        _on_gpu(
+            bf16,
+            lambda: WanVACETransformer3DModel(
+                **WAN_TRANSFORMER, vace_layers=list(range(0, 30, 2)), vace_in_channels=96
+            ),
+        ),
+        8,
+    )
+    vace_dir.mkdir(parents=True, exist_ok=True)
+    vace.save_pretrained(vace_dir / "transformer")
+    _wan_scheduler().save_pretrained(vace_dir / "scheduler")
+    index = json.loads((t2v_dir / "model_index.json").read_text())
+    index["_class_name"] = "WanVACEPipeline"
+    (vace_dir / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def build(models_dir: Path, families: list[str]) -> dict[str, float]:
+    """Build what is missing; returns seconds per family built."""
+    times: dict[str, float] = {}
+    jobs = {"sdxl": (["sdxl"], build_sdxl), "wan": (["wan-t2v", "wan-vace"], build_wan)}
+    for family in families:
+        names, builder = jobs[family]
+        dirs = [models_dir / name for name in names]
+        if all((d / "model_index.json").is_file() for d in dirs):
+            continue
+        started = time.perf_counter()
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        builder(*dirs)
+        torch.cuda.empty_cache()
+        times[family] = round(time.perf_counter() - started, 1)
+        print(f"built {family} in {times[family]} s", flush=True)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models_dir", type=Path)
+    parser.add_argument("--only", default="sdxl,wan")
+    args = parser.parse_args()
+    build(args.models_dir, args.only.split(","))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,446 @@
+"""GPU benchmark: the worker against a plain diffusers pipeline on true-size random weights.
+
+One command (see docs/PERFORMANCE.md)::
+
+    python -m bench.run --models /tmp/bench-models --out results/
+
+builds the true-size models (bench/build_models.py) if missing, then runs each phase in its
+own process and writes ``results.json`` plus a table:
+
+- ``plain``: StableDiffusionXLPipeline / WanPipeline / WanVACEPipeline ``from_pretrained(...)
+  .to("cuda")``, default SDPA, eager: the obvious implementation.
+- ``worker``: the worker from process start, through ``load_settings`` and ``start_worker``
+  (load, warm-up, compile), with an empty compile cache; then every job through
+  ``Worker.handle`` with ``LOCAL_STORAGE_DIR`` storage.
+- ``cached``: a fresh worker process with the compile cache the first one saved (and a fresh
+  inductor directory, as on a new machine): cold start, then one SDXL job.
+
+``--phases`` picks phases (default ``build,plain,worker,cached``; ``eager`` adds a worker with
+``COMPILE=off``); results of phases run earlier into the same ``--out`` are merged, so a run
+may be split across invocations. Job figures come from ``cached`` when it ran them, else from
+``worker``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+PEAK_TFLOPS = 790.0  # dense bf16/fp16 measured on the H100 (shared/reference/true-size-models.md)
+SDXL_UNET_TFLOP_PER_IMAGE = 6.75  # one UNet forward of one 1024x1024 latent (13.5 per CFG pair)
+SDXL_VAE_TFLOP = 10.5
+PROMPT = "a lighthouse on a cliff at sunset, dramatic clouds, photorealistic, detailed"
+NEGATIVE = "blurry, low quality"
+
+SDXL_JOBS = {  # name -> (type, num_images, steps, guidance)
+    "sdxl_high_1": ("sdxl_image_high", 1, 25, 7.5),
+    "sdxl_high_3": ("sdxl_image_high", 3, 25, 7.5),
+    "sdxl_fast_1": ("sdxl_image_fast", 1, 15, 6.0),
+}
+WAN_JOBS = {  # name -> (type, steps, guidance, reference)
+    "video_fast": ("video_fast", 25, 6.5, False),
+    "video_high": ("video_high", 50, 7.5, False),
+    "video_fast_ref": ("video_fast", 25, 6.5, True),
+}
+WAN_SIZE = (832, 480)
+WAN_FRAMES = 81
+
+
+# ---------------------------------------------------------------- compute floors
+def wan_forward_tflop(
+    tokens: int, blocks: int, text_tokens: int = 512, d: int = 1536, ffn: int = 8960
+) -> float:
+    """FLOPs of one Wan 1.3B transformer forward (per block: attention, projections, FFN)."""
+    per_block = (
+        8 * tokens * d * d  # self-attention q, k, v, o
+        + 4 * tokens * tokens * d  # QK^T and PV
+        + 4 * tokens * d * d  # cross-attention q, o
+        + 4 * text_tokens * d * d  # cross-attention k, v
+        + 4 * tokens * text_tokens * d  # cross-attention scores
+        + 4 * tokens * d * ffn  # FFN
+    )
+    return blocks * per_block / 1e12
+
+
+def floor_s(name: str) -> float:
+    """Compute floor of a job at PEAK_TFLOPS (denoising + SDXL VAE; Wan VAE not counted)."""
+    if name in SDXL_JOBS:
+        _, images, steps, _ = SDXL_JOBS[name]
+        return (steps * 2 * SDXL_UNET_TFLOP_PER_IMAGE * images + SDXL_VAE_TFLOP * images) / PEAK_TFLOPS
+    _, steps, _, reference = WAN_JOBS[name]
+    latent_frames = (WAN_FRAMES - 1) // 4 + 1 + (1 if reference else 0)
+    tokens = latent_frames * (WAN_SIZE[1] // 16) * (WAN_SIZE[0] // 16)
+    blocks = 45 if reference else 30  # VACE: 30 main + 15 VACE blocks
+    return steps * 2 * wan_forward_tflop(tokens, blocks) / PEAK_TFLOPS
+
+
+# ---------------------------------------------------------------- helpers
+def _gib(value: int) -> float:
+    return round(value / 2**30, 2)
+
+
+def _reference_png(path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (30, 52, 3), dtype=np.uint8)
+    Image.fromarray(base).resize(WAN_SIZE, Image.Resampling.BICUBIC).save(path)
+
+
+def _serve(directory: Path) -> str:
+    """A static file server on 127.0.0.1 (reference images for reference-mode jobs)."""
+    import functools
+    import http.server
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    handler.log_message = lambda *a, **k: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def _timed(fn, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    import torch
+
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = fn(*args, **kwargs)
+    torch.cuda.synchronize()
+    return result, time.perf_counter() - started
+
+
+# ---------------------------------------------------------------- phase: plain diffusers
+def phase_plain(models: Path, out: dict[str, Any], only: set[str]) -> None:
+    """The obvious implementation: from_pretrained(...).to("cuda"), eager, default SDPA."""
+    import torch
+    from diffusers import (
+        AutoencoderKLWan,
+        StableDiffusionXLPipeline,
+        WanPipeline,
+        WanVACEPipeline,
+        WanVACETransformer3DModel,
+    )
+    from PIL import Image
+
+    if only & set(SDXL_JOBS):
+        pipe, load_s = _timed(
+            lambda: StableDiffusionXLPipeline.from_pretrained(models / "sdxl", torch_dtype=torch.float16).to(
+                "cuda"
+            )
+        )
+        pipe.set_progress_bar_config(disable=True)
+        out["plain_load_sdxl_s"] = round(load_s, 2)
+        pipe(PROMPT, width=1024, height=1024, num_inference_steps=2)  # first-call costs
+        for name, (_, images, steps, guidance) in SDXL_JOBS.items():
+            if name not in only:
+                continue
+            runs = []
+            for seed in (1, 2):
+                torch.cuda.reset_peak_memory_stats()
+                _, seconds = _timed(
+                    pipe,
+                    PROMPT,
+                    negative_prompt=NEGATIVE,
+                    width=1024,
+                    height=1024,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    num_images_per_prompt=images,
+                    generator=torch.Generator("cpu").manual_seed(seed),
+                )
+                runs.append(seconds)
+            out[name] = {"s": round(min(runs), 3), "runs": [round(r, 3) for r in runs]}
+            out[name]["peak_gib"] = _gib(torch.cuda.max_memory_allocated())
+            print(f"plain {name}: {out[name]}", flush=True)
+        del pipe
+        torch.cuda.empty_cache()
+
+    wan_jobs = [name for name in WAN_JOBS if name in only]
+    if not wan_jobs:
+        return
+    started = time.perf_counter()
+    vae = AutoencoderKLWan.from_pretrained(models / "wan-t2v", subfolder="vae", torch_dtype=torch.float32)
+    pipe = WanPipeline.from_pretrained(models / "wan-t2v", vae=vae, torch_dtype=torch.bfloat16).to("cuda")
+    vace = WanVACEPipeline(
+        tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder,
+        vae=pipe.vae,
+        scheduler=pipe.scheduler,
+        transformer=WanVACETransformer3DModel.from_pretrained(
+            models / "wan-vace", subfolder="transformer", torch_dtype=torch.bfloat16
+        ),
+    ).to("cuda")
+    torch.cuda.synchronize()
+    out["plain_load_wan_s"] = round(time.perf_counter() - started, 2)
+    for p in (pipe, vace):
+        p.set_progress_bar_config(disable=True)
+    small = {"width": 64, "height": 64, "num_frames": 5, "num_inference_steps": 1}
+    pipe(PROMPT, **small)
+    gray = Image.new("RGB", (64, 64), (128, 128, 128))
+    vace(PROMPT, reference_images=[gray], **small)
+    reference = Image.new("RGB", WAN_SIZE, (90, 120, 150))
+    for name in wan_jobs:
+        _, steps, guidance, with_reference = WAN_JOBS[name]
+        common = dict(
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE,
+            width=WAN_SIZE[0],
+            height=WAN_SIZE[1],
+            num_frames=WAN_FRAMES,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator("cpu").manual_seed(1),
+            output_type="np",
+        )
+        torch.cuda.reset_peak_memory_stats()
+        if with_reference:
+            _, seconds = _timed(vace, reference_images=[reference], conditioning_scale=0.85, **common)
+        else:
+            _, seconds = _timed(pipe, **common)
+        out[name] = {"s": round(seconds, 2), "peak_gib": _gib(torch.cuda.max_memory_allocated())}
+        print(f"plain {name}: {out[name]}", flush=True)
+
+
+# ---------------------------------------------------------------- phase: the worker
+def _payload(name: str, reference_url: str | None) -> dict[str, Any]:
+    config: dict[str, Any] = {"seed": 1}
+    metadata: dict[str, Any] = {}
+    if name in SDXL_JOBS:
+        job_type, images, _, _ = SDXL_JOBS[name]
+        config["num_images"] = images
+    else:
+        job_type = WAN_JOBS[name][0]
+        if WAN_JOBS[name][3]:
+            metadata["reference_image_url"] = reference_url
+    job_id = f"bench-{name}-{time.monotonic_ns()}"
+    return {
+        "id": job_id,
+        "input": {
+            "id": job_id,
+            "type": job_type,
+            "prompt": PROMPT,
+            "negative_prompt": NEGATIVE,
+            "user_id": "bench",
+            "config": config,
+            "metadata": metadata,
+        },
+    }
+
+
+def phase_worker(out: dict[str, Any], jobs: list[str], repeats: int) -> None:
+    """Start the worker (settings from the environment), then time each job through handle()."""
+    spawned = float(os.environ["BENCH_SPAWNED_AT"])
+    import torch
+
+    from src import families
+    from src.settings import load_settings
+    from src.worker import start_worker
+
+    imported = time.time()
+    worker = start_worker(load_settings())
+    torch.cuda.synchronize()
+    ready = time.time()
+    out["startup"] = {
+        "process_to_ready_s": round(ready - spawned, 2),
+        "python_and_imports_s": round(imported - spawned, 2),
+        **families.STARTUP,
+    }
+    out["resident_gib"] = _gib(torch.cuda.memory_allocated())
+    print(f"worker ready: {out['startup']}", flush=True)
+
+    generate_s: list[float] = []
+    for family in worker.families:
+        original = family.generate
+
+        def timed_generate(plan: Any, progress: Any, _original=original) -> Any:
+            result, seconds = _timed(_original, plan, progress)
+            generate_s.append(seconds)
+            return result
+
+        family.generate = timed_generate  # type: ignore[method-assign]
+
+    tmp = Path(os.environ.get("BENCH_TMP", "/tmp/bench-tmp"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    _reference_png(tmp / "reference.png")
+    reference_url = _serve(tmp) + "/reference.png"
+    for name in jobs:
+        runs = []
+        for _ in range(repeats if name in SDXL_JOBS else 1):
+            generate_s.clear()
+            torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            result = worker.handle(_payload(name, reference_url))
+            seconds = time.perf_counter() - started
+            if result.get("status") != "completed":
+                raise RuntimeError(f"{name}: {result}")
+            runs.append(
+                {
+                    "s": round(seconds, 3),
+                    "generate_s": round(generate_s[0], 3),
+                    "outside_gpu_s": round(seconds - generate_s[0], 3),
+                    "peak_gib": _gib(torch.cuda.max_memory_allocated()),
+                }
+            )
+        best = min(runs, key=lambda r: r["s"])
+        out[name] = {**best, "first_s": runs[0]["s"], "runs": [r["s"] for r in runs]}
+        print(f"worker {name}: {out[name]}", flush=True)
+
+
+# ---------------------------------------------------------------- orchestration
+def _run_phase(phase: str, args: argparse.Namespace, env: dict[str, str], jobs: list[str]) -> dict[str, Any]:
+    result_path = args.out / f"{phase}.json"
+    env = {**os.environ, **env, "BENCH_SPAWNED_AT": repr(time.time()), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "bench.run", "--child", phase, "--models", str(args.models)]
+    command += ["--out", str(args.out), "--jobs", ",".join(jobs), "--repeats", str(args.repeats)]
+    with open(args.out / f"{phase}.log", "w") as log:
+        code = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    text = (args.out / f"{phase}.log").read_text()
+    picked = [line for line in text.splitlines() if "bench" in line or ": {" in line]
+    print(text[-3000:] if code else "\n".join(picked))
+    if code:
+        raise SystemExit(f"phase {phase} failed ({code}); see {phase}.log")
+    return json.loads(result_path.read_text())
+
+
+def _child(args: argparse.Namespace) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out: dict[str, Any] = {}
+    jobs = [j for j in args.jobs.split(",") if j]
+    try:
+        if args.child == "plain":
+            phase_plain(args.models, out, set(jobs))
+        else:
+            phase_worker(out, jobs, args.repeats)
+    finally:
+        import torch
+
+        out["card"] = torch.cuda.get_device_name()
+        (args.out / f"{args.child}.json").write_text(json.dumps(out, indent=2))
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    """The table rows and the docs/perf/h100.json keys."""
+    plain, worker, cached, eager = (results.get(k, {}) for k in ("plain", "worker", "cached", "eager"))
+    rows = []
+    for name in [*SDXL_JOBS, *WAN_JOBS]:
+        w, p = cached.get(name) or worker.get(name) or eager.get(name), plain.get(name)
+        if not w and not p:
+            continue
+        row = {"job": name, "floor_s": round(floor_s(name), 2)}
+        if p:
+            row["plain_s"] = p["s"]
+            row["plain_peak_gib"] = p["peak_gib"]
+        if w:
+            row.update(
+                worker_s=w["s"],
+                first_s=w["first_s"],
+                generate_s=w["generate_s"],
+                outside_gpu_s=w["outside_gpu_s"],
+                peak_gib=w["peak_gib"],
+            )
+        if p and w:
+            row["speedup"] = round(p["s"] / w["s"], 2)
+        rows.append(row)
+    card = worker.get("card") or cached.get("card") or eager.get("card") or plain.get("card")
+    summary: dict[str, Any] = {"rows": rows, "card": card}
+    for key, phase in (("cold_start_no_cache", worker), ("cold_start_cached", cached)):
+        if phase.get("startup"):
+            summary[key] = phase["startup"]
+    get = {r["job"]: r for r in rows}
+    if "sdxl_high_1" in get and "speedup" in get["sdxl_high_1"]:
+        summary["sdxl_high_1_speedup"] = get["sdxl_high_1"]["speedup"]
+    if "worker_s" in get.get("sdxl_high_3", {}):
+        summary["sdxl_high_3_per_image_s"] = round(get["sdxl_high_3"]["worker_s"] / 3, 3)
+    for job in ("video_high", "video_fast"):
+        if "worker_s" in get.get(job, {}):
+            summary[f"{job}_s"] = get[job]["worker_s"]
+    if cached.get("startup"):
+        summary["cold_start_s"] = cached["startup"]["process_to_ready_s"]
+    peaks = [r["peak_gib"] for r in rows if "peak_gib" in r]
+    if peaks:
+        summary["peak_gpu_gib_both"] = max(peaks)
+    return summary
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    print(f"\ncard: {summary.get('card')}")
+    head = f"{'job':16}{'plain s':>9}{'worker s':>10}{'x':>6}{'floor s':>9}{'gen s':>8}{'out s':>7}"
+    print(head + f"{'peak GiB':>9}{'plain GiB':>10}")
+    for r in summary["rows"]:
+        print(
+            f"{r['job']:16}{r.get('plain_s', '-')!s:>9}{r.get('worker_s', '-')!s:>10}"
+            f"{r.get('speedup', '-')!s:>6}{r['floor_s']!s:>9}{r.get('generate_s', '-')!s:>8}"
+            f"{r.get('outside_gpu_s', '-')!s:>7}{r.get('peak_gib', '-')!s:>9}"
+            f"{r.get('plain_peak_gib', '-')!s:>10}"
+        )
+    for key in ("cold_start_no_cache", "cold_start_cached"):
+        if key in summary:
+            print(f"{key}: {summary[key]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=Path("/tmp/bench-models"))
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--phases", default="build,plain,worker,cached")
+    parser.add_argument("--jobs", default=",".join([*SDXL_JOBS, *WAN_JOBS]))
+    parser.add_argument("--build", default="sdxl,wan", help="families the build phase builds")
+    parser.add_argument("--cached-jobs", default="sdxl_high_1", help="jobs the cached-worker phase runs")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each SDXL job (best reported)")
+    parser.add_argument("--worker-env", default="", help="extra KEY=VALUE,... for the worker phases")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.child:
+        _child(args)
+        return
+    phases = args.phases.split(",")
+    jobs = args.jobs.split(",")
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if "build" in phases:
+        from bench.build_models import build
+
+        results["build_s"] = build(args.models, args.build.split(","))
+    storage = Path(os.environ.get("BENCH_TMP", "/tmp/bench-tmp")) / "storage"
+    worker_env = {
+        "MODELS_DIR": str(args.models),
+        "LOCAL_STORAGE_DIR": str(storage),
+        "COMPILE_CACHE_DIR": str(args.models.parent / "bench-compile-cache"),
+        "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",  # the reference image is served on 127.0.0.1
+    }
+    worker_env.update(kv.split("=", 1) for kv in args.worker_env.split(",") if kv)
+    for phase in phases:
+        if phase == "build":
+            continue
+        env = dict(worker_env)
+        # A fresh inductor/Triton directory per process: only the saved compile cache carries over.
+        env["TORCHINDUCTOR_CACHE_DIR"] = f"/tmp/inductor-{phase}-{time.time_ns()}"
+        env["TRITON_CACHE_DIR"] = env["TORCHINDUCTOR_CACHE_DIR"] + "/triton"
+        if phase == "eager":
+            env["COMPILE"] = "off"
+        phase_jobs = args.cached_jobs.split(",") if phase == "cached" else jobs
+        if phase == "worker":
+            import shutil
+
+            shutil.rmtree(worker_env["COMPILE_CACHE_DIR"], ignore_errors=True)
+        results[phase] = _run_phase(phase, args, env, phase_jobs)
+        results_path.write_text(json.dumps(results, indent=2))
+    summary = summarise(results)
+    results["summary"] = summary
+    results_path.write_text(json.dumps(results, indent=2))
+    print_table(summary)
+
+
+if __name__ == "__main__":
+    main()
