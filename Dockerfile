@@ -75,6 +75,9 @@ ENV HF_HUB_OFFLINE=1
 # the builder inside the container to fill a volume (README, "Network volume"), build with
 # --build-arg RUN_AS=root.
 ARG RUN_AS=worker
+# The compile cache (COMPILE_CACHE_DIR, default MODELS_DIR/compile-cache) is written by the first
+# worker that compiles; point COMPILE_CACHE_DIR at a network volume to share it across workers.
+RUN mkdir -p "${MODELS_DIR}/compile-cache" && chown "${RUN_AS}" "${MODELS_DIR}/compile-cache"
 USER ${RUN_AS}
 
 CMD ["python", "-u", "handler.py"]

@@ -18,7 +18,7 @@ class StartupError(RuntimeError):
 class Settings(BaseSettings):
     """Every environment variable the worker reads (documented in README.md)."""
 
-    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, env_ignore_empty=True)
 
     models_dir: Path = Field(Path("/models"), description="Where the baked model weights live.")
     worker_models: Annotated[list[Family], NoDecode] = Field(

@@ -172,7 +172,7 @@ def test_refuses_to_start_without_full_weights(tmp_path: Path) -> None:
     assert not (tmp_path / "tiny").exists()  # never a silent fallback to tiny models
 
 
-@pytest.mark.parametrize("value", ["", "sdxl,flux"])
+@pytest.mark.parametrize("value", [" , ", "sdxl,flux"])
 def test_refuses_unknown_worker_models(value: str, tmp_path: Path) -> None:
     result = handler(env=worker_env(WORKER_MODELS=value, LOCAL_STORAGE_DIR=str(tmp_path)), timeout=120)
     assert result.returncode == 1 and "WORKER_MODELS" in result.stderr

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,8 @@ from src.media.video import encode_mp4
 # Encoding and uploads run on these threads (PIL, zlib, libwebp and sockets release the GIL),
 # so a job's images encode in parallel and, started by the family, while the GPU still works.
 _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="assets")
+# A job's assets store in parallel on long-lived threads (a pool per job would start threads per job).
+_STORE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="store")
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,10 @@ def store_image(storage: Storage, prefix: str, index: int, generated: GeneratedI
     encoded = generated.encoded.result() if generated.encoded is not None else encode_image(generated.image)
     png = encoded.png
     thumbnail = _POOL.submit(_put, storage, f"{prefix}/{index}.thumb.webp", encoded.thumbnail, "webp")
-    url = _put(storage, f"{prefix}/{index}.png", png, "png")
+    try:
+        url = _put(storage, f"{prefix}/{index}.png", png, "png")
+    finally:
+        wait([thumbnail])  # a failed job removes what it stored: nothing may land after that
     thumbnail_url = thumbnail.result()
     width, height = generated.image.size
     return {
@@ -132,6 +137,6 @@ def store_generation(
 
     if len(generation.assets) == 1:
         return [store(0, generation.assets[0])]
-    with ThreadPoolExecutor(max_workers=len(generation.assets), thread_name_prefix="store") as pool:
-        futures = [pool.submit(store, i, asset) for i, asset in enumerate(generation.assets)]
-        return [future.result() for future in futures]
+    futures = [_STORE_POOL.submit(store, i, asset) for i, asset in enumerate(generation.assets)]
+    wait(futures)  # every upload has ended before a failure is reported (and cleaned up)
+    return [future.result() for future in futures]
