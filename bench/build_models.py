@@ -103,16 +103,15 @@ def build_sdxl(target: Path) -> None:
     """SDXL base 1.0 layout, fp16."""
     from diffusers import (
         AutoencoderKL,
-        EulerDiscreteScheduler,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from src.sdxl.tiny import _tokenizer
+    from src.sdxl.tiny import clip_tokenizer, sdxl_scheduler
 
-    tokenizer = _tokenizer(pad_token="<|endoftext|>")
-    tokenizer_2 = _tokenizer(pad_token="!")
+    tokenizer = clip_tokenizer(pad_token="<|endoftext|>")
+    tokenizer_2 = clip_tokenizer(pad_token="!")
 
     def clip_config(hidden: int, inter: int, layers: int, heads: int, act: str) -> CLIPTextConfig:
         return CLIPTextConfig(
@@ -138,17 +137,7 @@ def build_sdxl(target: Path) -> None:
     text_encoder_2 = _randomise(
         _on_gpu(fp16, lambda: CLIPTextModelWithProjection(clip_config(1280, 5120, 32, 20, "gelu"))), 4
     )
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        timestep_spacing="leading",
-        steps_offset=1,
-        interpolation_type="linear",
-        use_karras_sigmas=False,
-    )
+    scheduler = sdxl_scheduler()
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -161,23 +150,15 @@ def build_sdxl(target: Path) -> None:
     pipe.save_pretrained(target)
 
 
-def _wan_scheduler():
-    from diffusers import UniPCMultistepScheduler
-
-    return UniPCMultistepScheduler(
-        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
-    )
-
-
 def build_wan(t2v_dir: Path, vace_dir: Path) -> None:
     """Wan 2.1 T2V 1.3B (bf16, UMT5-XXL bf16, VAE fp32) and VACE 1.3B (transformer + scheduler)."""
     from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel, WanVACETransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from src.wan.tiny import _tokenizer
+    from src.wan.tiny import umt5_tokenizer, wan_scheduler
 
     bf16 = torch.bfloat16
-    tokenizer = _tokenizer()
+    tokenizer = umt5_tokenizer()
     config = UMT5Config(
         vocab_size=256384,
         d_model=4096,
@@ -198,7 +179,7 @@ def build_wan(t2v_dir: Path, vace_dir: Path) -> None:
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=vae,
-        scheduler=_wan_scheduler(),
+        scheduler=wan_scheduler(),
         transformer=transformer,
     )
     t2v.save_pretrained(t2v_dir)
@@ -216,7 +197,7 @@ def build_wan(t2v_dir: Path, vace_dir: Path) -> None:
     )
     vace_dir.mkdir(parents=True, exist_ok=True)
     vace.save_pretrained(vace_dir / "transformer")
-    _wan_scheduler().save_pretrained(vace_dir / "scheduler")
+    wan_scheduler().save_pretrained(vace_dir / "scheduler")
     index = json.loads((t2v_dir / "model_index.json").read_text())
     index["_class_name"] = "WanVACEPipeline"
     (vace_dir / "model_index.json").write_text(json.dumps(index, indent=2))

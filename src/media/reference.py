@@ -14,6 +14,7 @@ from requests import RequestException, Response
 from runpod.serverless.utils.rp_ssrf import SSRFError, iter_content_capped, safe_get
 
 from src.contract import JobError
+from src.settings import Settings
 
 _CHUNK = 64 * 1024
 
@@ -25,6 +26,11 @@ class FetchLimits:
     max_bytes: int
     max_pixels: int
     timeout_s: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FetchLimits:
+        """MAX_REFERENCE_BYTES, MAX_REFERENCE_PIXELS and REFERENCE_TIMEOUT_S."""
+        return cls(settings.max_reference_bytes, settings.max_reference_pixels, settings.reference_timeout_s)
 
 
 def fetch_reference(url: str, field: str, limits: FetchLimits) -> Image.Image:

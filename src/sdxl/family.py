@@ -61,9 +61,7 @@ class SdxlFamily:
         # without it the UNet silently ran in float32 on the GPU (3x slower than fp16).
         img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(text2img, dtype=dtype)
         img2img.set_progress_bar_config(disable=True)
-        limits = FetchLimits(
-            settings.max_reference_bytes, settings.max_reference_pixels, settings.reference_timeout_s
-        )
+        limits = FetchLimits.from_settings(settings)
         compiled = acceleration.compile_enabled(settings, device) and settings.compile_sdxl
         if compiled:
             # One graph for every batch size (num_images 1-8, with and without CFG rows).

@@ -20,7 +20,7 @@ PROJECTION_DIM = 32  # text_encoder_2 pooled embedding size
 TIME_EMBED_DIM = 8  # 6 micro-conditioning ids per sample -> 6 * 8 + PROJECTION_DIM inputs
 
 
-def _tokenizer(pad_token: str) -> CLIPTokenizer:
+def clip_tokenizer(pad_token: str) -> CLIPTokenizer:
     """Byte-level CLIP BPE tokenizer without merges (every character is one token)."""
     chars = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
@@ -48,11 +48,26 @@ def _text_config(tokenizer: CLIPTokenizer, hidden_size: int) -> CLIPTextConfig:
     )
 
 
+def sdxl_scheduler() -> EulerDiscreteScheduler:
+    """SDXL base 1.0's scheduler configuration."""
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+        steps_offset=1,
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+    )
+
+
 def build_tiny_sdxl(target: Path) -> None:
     """Write a tiny, deterministic SDXL base pipeline (a few MB) to ``target``."""
     torch.manual_seed(SEED)
-    tokenizer = _tokenizer(pad_token="<|endoftext|>")
-    tokenizer_2 = _tokenizer(pad_token="!")
+    tokenizer = clip_tokenizer(pad_token="<|endoftext|>")
+    tokenizer_2 = clip_tokenizer(pad_token="!")
     unet = UNet2DConditionModel(
         sample_size=128,
         in_channels=4,
@@ -86,17 +101,7 @@ def build_tiny_sdxl(target: Path) -> None:
     )
     text_encoder = CLIPTextModel(_text_config(tokenizer, TEXT_HIDDEN[0]))
     text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, TEXT_HIDDEN[1]))
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        timestep_spacing="leading",
-        steps_offset=1,
-        interpolation_type="linear",
-        use_karras_sigmas=False,
-    )
+    scheduler = sdxl_scheduler()
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,

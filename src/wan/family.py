@@ -82,9 +82,7 @@ class WanFamily:
         if compiled:
             for transformer in transformers:
                 acceleration.compile_repeated_blocks(transformer)
-        limits = FetchLimits(
-            settings.max_reference_bytes, settings.max_reference_pixels, settings.reference_timeout_s
-        )
+        limits = FetchLimits.from_settings(settings)
         return cls(text2video, vace, limits, compiled)
 
     def warm_up(self) -> None:

@@ -49,7 +49,7 @@ TRANSFORMER = dict(
 )
 
 
-def _tokenizer() -> T5Tokenizer:
+def umt5_tokenizer() -> T5Tokenizer:
     """UMT5-style SentencePiece-Unigram tokenizer estimated from ``CORPUS``.
 
     Pieces are the corpus words and printable ASCII characters, scored by log
@@ -64,7 +64,7 @@ def _tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=MAX_SEQUENCE_LENGTH)
 
 
-def _scheduler() -> UniPCMultistepScheduler:
+def wan_scheduler() -> UniPCMultistepScheduler:
     """Wan 2.1's flow-matching UniPC scheduler (``flow_shift=3.0`` as for 480p)."""
     return UniPCMultistepScheduler(
         num_train_timesteps=1000,
@@ -77,7 +77,7 @@ def _scheduler() -> UniPCMultistepScheduler:
 def build_tiny_wan(t2v_dir: Path, vace_dir: Path) -> None:
     """Write tiny, deterministic Wan T2V and VACE pipelines (a few MB each)."""
     torch.manual_seed(SEED)
-    tokenizer = _tokenizer()
+    tokenizer = umt5_tokenizer()
     text_encoder = UMT5EncoderModel(
         UMT5Config(
             vocab_size=len(tokenizer),
@@ -93,7 +93,7 @@ def build_tiny_wan(t2v_dir: Path, vace_dir: Path) -> None:
     # Real Wan 2.1 VAE layout (8x spatial, 4x temporal, 16 latent channels), 4-channel base.
     vae = AutoencoderKLWan(base_dim=4, z_dim=16, num_res_blocks=1)
     shared = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae)
-    t2v = WanPipeline(**shared, scheduler=_scheduler(), transformer=WanTransformer3DModel(**TRANSFORMER))
+    t2v = WanPipeline(**shared, scheduler=wan_scheduler(), transformer=WanTransformer3DModel(**TRANSFORMER))
     t2v.save_pretrained(t2v_dir)
     vace_transformer = WanVACETransformer3DModel(
         **TRANSFORMER,
@@ -101,5 +101,5 @@ def build_tiny_wan(t2v_dir: Path, vace_dir: Path) -> None:
         # video latents (16 inactive + 16 reactive) + 8x8 pixel mask folded (64)
         vace_in_channels=96,
     )
-    vace = WanVACEPipeline(**shared, scheduler=_scheduler(), transformer=vace_transformer)
+    vace = WanVACEPipeline(**shared, scheduler=wan_scheduler(), transformer=vace_transformer)
     vace.save_pretrained(vace_dir)
