@@ -1,0 +1,112 @@
+"""The benchmark's jobs, their compute floors, and the summary table of a run's results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+PEAK_TFLOPS = 790.0  # dense bf16/fp16 measured on the H100 (shared/reference/true-size-models.md)
+SDXL_UNET_TFLOP_PER_IMAGE = 6.75  # one UNet forward of one 1024x1024 latent (13.5 per CFG pair)
+SDXL_VAE_TFLOP = 10.5
+PROMPT = "a lighthouse on a cliff at sunset, dramatic clouds, photorealistic, detailed"
+NEGATIVE = "blurry, low quality"
+
+SDXL_JOBS = {  # name -> (type, num_images, steps, guidance)
+    "sdxl_high_1": ("sdxl_image_high", 1, 25, 7.5),
+    "sdxl_high_3": ("sdxl_image_high", 3, 25, 7.5),
+    "sdxl_fast_1": ("sdxl_image_fast", 1, 15, 6.0),
+}
+WAN_JOBS = {  # name -> (type, steps, guidance, reference)
+    "video_fast": ("video_fast", 25, 6.5, False),
+    "video_high": ("video_high", 50, 7.5, False),
+    "video_fast_ref": ("video_fast", 25, 6.5, True),
+}
+WAN_SIZE = (832, 480)
+WAN_FRAMES = 81
+
+
+# ---------------------------------------------------------------- compute floors
+def wan_forward_tflop(
+    tokens: int, blocks: int, text_tokens: int = 512, d: int = 1536, ffn: int = 8960
+) -> float:
+    """FLOPs of one Wan 1.3B transformer forward (per block: attention, projections, FFN)."""
+    per_block = (
+        8 * tokens * d * d  # self-attention q, k, v, o
+        + 4 * tokens * tokens * d  # QK^T and PV
+        + 4 * tokens * d * d  # cross-attention q, o
+        + 4 * text_tokens * d * d  # cross-attention k, v
+        + 4 * tokens * text_tokens * d  # cross-attention scores
+        + 4 * tokens * d * ffn  # FFN
+    )
+    return blocks * per_block / 1e12
+
+
+def floor_s(name: str) -> float:
+    """Compute floor of a job at PEAK_TFLOPS (denoising + SDXL VAE; Wan VAE not counted)."""
+    if name in SDXL_JOBS:
+        _, images, steps, _ = SDXL_JOBS[name]
+        return (steps * 2 * SDXL_UNET_TFLOP_PER_IMAGE * images + SDXL_VAE_TFLOP * images) / PEAK_TFLOPS
+    _, steps, _, reference = WAN_JOBS[name]
+    latent_frames = (WAN_FRAMES - 1) // 4 + 1 + (1 if reference else 0)
+    tokens = latent_frames * (WAN_SIZE[1] // 16) * (WAN_SIZE[0] // 16)
+    blocks = 45 if reference else 30  # VACE: 30 main + 15 VACE blocks
+    return steps * 2 * wan_forward_tflop(tokens, blocks) / PEAK_TFLOPS
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    """The table rows and the docs/perf/h100.json keys."""
+    plain, worker, cached, eager = (results.get(k, {}) for k in ("plain", "worker", "cached", "eager"))
+    rows = []
+    for name in [*SDXL_JOBS, *WAN_JOBS]:
+        w, p = cached.get(name) or worker.get(name) or eager.get(name), plain.get(name)
+        if not w and not p:
+            continue
+        row = {"job": name, "floor_s": round(floor_s(name), 2)}
+        if p:
+            row["plain_s"] = p["s"]
+            row["plain_peak_gib"] = p["peak_gib"]
+        if w:
+            row.update(
+                worker_s=w["s"],
+                first_s=w["first_s"],
+                generate_s=w["generate_s"],
+                outside_gpu_s=w["outside_gpu_s"],
+                peak_gib=w["peak_gib"],
+            )
+        if p and w:
+            row["speedup"] = round(p["s"] / w["s"], 2)
+        rows.append(row)
+    card = worker.get("card") or cached.get("card") or eager.get("card") or plain.get("card")
+    summary: dict[str, Any] = {"rows": rows, "card": card}
+    for key, phase in (("cold_start_no_cache", worker), ("cold_start_cached", cached)):
+        if phase.get("startup"):
+            summary[key] = phase["startup"]
+    get = {r["job"]: r for r in rows}
+    if "sdxl_high_1" in get and "speedup" in get["sdxl_high_1"]:
+        summary["sdxl_high_1_speedup"] = get["sdxl_high_1"]["speedup"]
+    if "worker_s" in get.get("sdxl_high_3", {}):
+        summary["sdxl_high_3_per_image_s"] = round(get["sdxl_high_3"]["worker_s"] / 3, 3)
+    for job in ("video_high", "video_fast"):
+        if "worker_s" in get.get(job, {}):
+            summary[f"{job}_s"] = get[job]["worker_s"]
+    if cached.get("startup"):
+        summary["cold_start_s"] = cached["startup"]["process_to_ready_s"]
+    peaks = [r["peak_gib"] for r in rows if "peak_gib" in r]
+    if peaks:
+        summary["peak_gpu_gib_both"] = max(peaks)
+    return summary
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    print(f"\ncard: {summary.get('card')}")
+    head = f"{'job':16}{'plain s':>9}{'worker s':>10}{'x':>6}{'floor s':>9}{'gen s':>8}{'out s':>7}"
+    print(head + f"{'peak GiB':>9}{'plain GiB':>10}")
+    for r in summary["rows"]:
+        print(
+            f"{r['job']:16}{r.get('plain_s', '-')!s:>9}{r.get('worker_s', '-')!s:>10}"
+            f"{r.get('speedup', '-')!s:>6}{r['floor_s']!s:>9}{r.get('generate_s', '-')!s:>8}"
+            f"{r.get('outside_gpu_s', '-')!s:>7}{r.get('peak_gib', '-')!s:>9}"
+            f"{r.get('plain_peak_gib', '-')!s:>10}"
+        )
+    for key in ("cold_start_no_cache", "cold_start_cached"):
+        if key in summary:
+            print(f"{key}: {summary[key]}")
