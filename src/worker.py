@@ -96,9 +96,9 @@ class Worker:
         """An error that is not the payload's fault; GPU faults ask RunPod for a fresh worker."""
         if is_gpu_fault(err):
             release_gpu_memory()
-            message = f"gpu: {describe_gpu_fault(err)}"
-            journal.stage("failed", logging.ERROR, error=redact(message), refresh_worker=True)
-            return {**failed(job_id, redact(message)), "refresh_worker": True}
+            message = redact(f"gpu: {describe_gpu_fault(err)}")
+            journal.stage("failed", logging.ERROR, error=message, refresh_worker=True)
+            return {**failed(job_id, message), "refresh_worker": True}
         log.error("job %s: unexpected error", job_id, exc_info=err)
         message = redact(f"generation: {type(err).__name__}: {err}")
         journal.stage("failed", logging.ERROR, error=message)

@@ -29,14 +29,8 @@ class EncodedImage:
     thumbnail: bytes
 
 
-def encode_image(image: Image.Image) -> EncodedImage:
-    """PNG and thumbnail of ``image``, the two encodes in parallel."""
-    thumbnail = _POOL.submit(thumbnail_webp, image)
-    return EncodedImage(encode_png(image), thumbnail.result())
-
-
 def encode_image_async(image: Image.Image) -> Future[EncodedImage]:
-    """Start encoding ``image`` now (PNG on one thread, thumbnail on another)."""
+    """Start encoding ``image`` (PNG, then thumbnail) on a worker thread now."""
     return _POOL.submit(lambda: EncodedImage(encode_png(image), thumbnail_webp(image)))
 
 
@@ -76,7 +70,7 @@ def _put(storage: Storage, key: str, data: bytes, fmt: str) -> str:
 
 def store_image(storage: Storage, prefix: str, index: int, generated: GeneratedImage) -> dict[str, Any]:
     """Store ``{index}.png`` and ``{index}.thumb.webp`` under ``prefix``; return the callback entry."""
-    encoded = generated.encoded.result() if generated.encoded is not None else encode_image(generated.image)
+    encoded = (generated.encoded or encode_image_async(generated.image)).result()
     png = encoded.png
     thumbnail = _POOL.submit(_put, storage, f"{prefix}/{index}.thumb.webp", encoded.thumbnail, "webp")
     try:

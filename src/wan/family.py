@@ -6,6 +6,7 @@ Both pipelines share one text encoder, tokenizer and VAE in memory.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -91,7 +92,7 @@ class WanFamily:
         With COMPILE on, the transformers' blocks also compile here, at COMPILED_SHAPES
         (the small pipeline run stays eager so that it compiles nothing).
         """
-        with torch.compiler.set_stance("force_eager") if self.compiled else _nothing():
+        with torch.compiler.set_stance("force_eager") if self.compiled else nullcontext():
             self.text2video("warm-up", **WARM_UP)
             gray = Image.new("RGB", (WARM_UP["width"], WARM_UP["height"]), (128, 128, 128))
             self.vace("warm-up", reference_images=[gray], **WARM_UP)
@@ -183,9 +184,3 @@ class WanFamily:
             # to even), done on the device so only uint8 frames cross to the host.
             video = output.frames[0].float().clamp(0.0, 1.0).mul(255).round().to(torch.uint8)
             return video.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-
-
-def _nothing():
-    from contextlib import nullcontext
-
-    return nullcontext()
