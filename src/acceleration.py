@@ -64,28 +64,6 @@ def compile_repeated_blocks(model: Any) -> None:
     model.compile_repeated_blocks(backend=BACKEND)
 
 
-def compile_forward(model: torch.nn.Module, dynamic_batch: bool = False) -> None:
-    """Compile ``model.forward`` in place (the pipeline keeps the same module object).
-
-    ``dynamic_batch``: dimension 0 of every tensor input with more than one row is marked
-    dynamic before each call, so one compiled graph serves every batch size (``num_images``).
-    The marking happens outside the compiled function, where dynamo allows it.
-    """
-    compiled = torch.compile(model.forward, backend=BACKEND)
-    if not dynamic_batch:
-        model.forward = compiled
-        return
-
-    def batch_dynamic_forward(*args: Any, **kwargs: Any) -> Any:
-        nested = kwargs.get("added_cond_kwargs") or {}
-        for value in (*args, *kwargs.values(), *nested.values()):
-            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] > 1:
-                torch._dynamo.maybe_mark_dynamic(value, 0)
-        return compiled(*args, **kwargs)
-
-    model.forward = batch_dynamic_forward
-
-
 def serve_without_compiling() -> None:
     """From now on, reuse compiled code whose guards match and run eagerly otherwise."""
     torch.compiler.set_stance(SERVE_STANCE)

@@ -39,15 +39,14 @@ def load_families(settings: Settings) -> list[ModelFamily]:
     cache = None
     if compiling:
         started = time.perf_counter()
-        cache = acceleration.CompileCache.for_worker(
-            settings, device, {"compile_sdxl": settings.compile_sdxl}
-        )
+        cache = acceleration.CompileCache.for_worker(settings, device, {})
         STARTUP["compile_cache"] = "loaded" if cache.load() else "missing"
         STARTUP["cache_load_s"] = round(time.perf_counter() - started, 2)
     for family in families:
         started = time.perf_counter()
-        family.warm_up()
+        phases = family.warm_up()
         STARTUP[f"warm_up_{family.name}_s"] = round(time.perf_counter() - started, 2)
+        STARTUP.update({f"warm_up_{family.name}_{phase}_s": seconds for phase, seconds in phases.items()})
         log.info(
             "%s ready: load %.1f s, warm-up %.1f s",
             family.name,

@@ -23,8 +23,8 @@ class ModelFamily(Protocol):
     name: str
     job_types: frozenset[str]
 
-    def warm_up(self) -> None:
-        """Run the models once so the first job pays no first-call cost."""
+    def warm_up(self) -> dict[str, float]:
+        """Run the models once so the first job pays no first-call cost; seconds per named phase."""
 
     def plan(self, request: JobRequest) -> Any:
         """Validate the family-specific payload; raise JobError naming the field."""

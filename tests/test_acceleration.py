@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from diffusers import ModelMixin
 
 from src import acceleration
 from src.settings import Settings
@@ -23,7 +24,7 @@ def test_gpu_paths_are_off_on_cpu_by_default(tmp_path: Path) -> None:
     assert acceleration.compile_enabled(settings, "cuda")
     assert acceleration.attention_backend(settings, "cpu") is None
     assert acceleration.attention_backend(settings, "cuda") == "_native_cudnn"
-    assert not settings.compile_sdxl
+    assert settings.compile_sdxl
     assert settings.compile_cache_path == tmp_path / "compile-cache"
     assert _settings(tmp_path, compile="on").compile == "on"
     assert acceleration.attention_backend(_settings(tmp_path, attention_backend="native"), "cuda") is None
@@ -46,13 +47,28 @@ class _Counter:
         return run
 
 
-class _Net(torch.nn.Module):
+class _Block(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.linear = torch.nn.Linear(8, 8)
 
-    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return self.linear(x).relu() * scale.mean()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).relu()
+
+
+class _Blocks(ModelMixin):
+    """A model with repeated blocks, as the Wan transformers declare them."""
+
+    _repeated_blocks = ("_Block",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_Block(), _Block()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
 
 
 @pytest.fixture
@@ -66,29 +82,21 @@ def counter(monkeypatch: pytest.MonkeyPatch) -> _Counter:
 
 
 def test_unwarmed_shape_runs_eagerly_without_compiling(counter: _Counter) -> None:
-    net = _Net()
-    acceleration.compile_forward(net, dynamic_batch=True)
+    model = _Blocks()
+    acceleration.compile_repeated_blocks(model)
     with torch.inference_mode():
-        net(torch.randn(2, 4, 8), torch.randn(2, 3))  # warm-up: compiles, batch dynamic
-        assert counter.compiles == 1
+        model(torch.randn(2, 4, 8))  # warm-up: the blocks compile
+        compiles = counter.compiles
+        assert compiles >= 1
         acceleration.serve_without_compiling()
         calls = counter.calls
-        net(torch.randn(6, 4, 8), torch.randn(6, 3))  # another batch size: same graph
-        assert counter.calls == calls + 1
-        out = net(torch.randn(2, 5, 8), torch.randn(2, 3))  # a shape never warmed: eager, no compile
-        assert out.shape == (2, 5, 8)
-    assert counter.compiles == 1
-    assert counter.calls == calls + 1
-
-
-def test_static_compile_serves_only_the_warmed_shape(counter: _Counter) -> None:
-    net = _Net()
-    acceleration.compile_forward(net)
-    with torch.inference_mode():
-        net(torch.randn(2, 4, 8), torch.randn(2, 3))
-        acceleration.serve_without_compiling()
-        net(torch.randn(3, 4, 8), torch.randn(3, 3))
-    assert counter.compiles == 1
+        model(torch.randn(2, 4, 8))  # the warmed shape: compiled code, both blocks
+        assert counter.calls == calls + 2
+        x = torch.randn(3, 5, 8)
+        out = model(x)  # a shape never warmed: eager, no compile
+        torch.testing.assert_close(out, model.blocks[1].linear(model.blocks[0].linear(x).relu()).relu())
+    assert counter.compiles == compiles
+    assert counter.calls == calls + 2
 
 
 def test_compile_cache_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

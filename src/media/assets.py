@@ -22,16 +22,16 @@ _STORE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="store")
 
 
 @dataclass(frozen=True)
-class EncodedImage:
-    """An image's PNG and WEBP thumbnail bytes."""
+class ImageEncoding:
+    """An image's PNG and WEBP thumbnail, encoding in parallel on worker threads."""
 
-    png: bytes
-    thumbnail: bytes
+    png: Future[bytes]
+    thumbnail: Future[bytes]
 
 
-def encode_image_async(image: Image.Image) -> Future[EncodedImage]:
-    """Start encoding ``image`` (PNG, then thumbnail) on a worker thread now."""
-    return _POOL.submit(lambda: EncodedImage(encode_png(image), thumbnail_webp(image)))
+def encode_image_async(image: Image.Image) -> ImageEncoding:
+    """Start encoding ``image`` (PNG and thumbnail, in parallel) now."""
+    return ImageEncoding(_POOL.submit(encode_png, image), _POOL.submit(thumbnail_webp, image))
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class GeneratedImage:
 
     image: Image.Image
     metadata: dict[str, Any] = field(default_factory=dict)
-    encoded: Future[EncodedImage] | None = field(default=None, compare=False, repr=False)
+    encoded: ImageEncoding | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,11 @@ def _put(storage: Storage, key: str, data: bytes, fmt: str) -> str:
 
 def store_image(storage: Storage, prefix: str, index: int, generated: GeneratedImage) -> dict[str, Any]:
     """Store ``{index}.png`` and ``{index}.thumb.webp`` under ``prefix``; return the callback entry."""
-    encoded = (generated.encoded or encode_image_async(generated.image)).result()
-    png = encoded.png
-    thumbnail = _POOL.submit(_put, storage, f"{prefix}/{index}.thumb.webp", encoded.thumbnail, "webp")
+    encoding = generated.encoded or encode_image_async(generated.image)
+    thumbnail_bytes = encoding.thumbnail.result()  # the small one: usually ready first
+    thumbnail = _POOL.submit(_put, storage, f"{prefix}/{index}.thumb.webp", thumbnail_bytes, "webp")
     try:
+        png = encoding.png.result()
         url = _put(storage, f"{prefix}/{index}.png", png, "png")
     finally:
         wait([thumbnail])  # a failed job removes what it stored: nothing may land after that

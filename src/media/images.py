@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import math
 
+import cv2
+import numpy as np
 from PIL import Image, ImageOps
 
 THUMBNAIL_EDGE = 256
@@ -37,10 +39,17 @@ def fit_cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def encode_png(image: Image.Image) -> bytes:
-    """PNG bytes of ``image`` (fast compression: PNG is lossless either way)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+    """RGB PNG bytes of ``image``: zlib level 1 with run-length matching (OpenCV's libpng).
+
+    PNG is lossless either way; this is about 2x faster than Pillow's level 1 on a 1024x1024
+    image and no larger on generated images (measured in docs/PERFORMANCE.md).
+    """
+    bgr = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2BGR)
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+    ok, encoded = cv2.imencode(".png", bgr, params)
+    if not ok:
+        raise RuntimeError(f"PNG encoding failed for a {image.size} image")
+    return encoded.tobytes()
 
 
 def thumbnail_webp(image: Image.Image) -> bytes:

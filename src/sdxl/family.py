@@ -16,6 +16,7 @@ from src.media.images import fit_cover, size_for_aspect
 from src.media.reference import FetchLimits, fetch_reference
 from src.models import model_dirs
 from src.progress import Progress
+from src.sdxl.compiled_unet import CompiledUnet
 from src.sdxl.plan import DEFAULTS, SIZE_BOUNDS, SdxlPlan, plan_sdxl
 from src.settings import Settings
 
@@ -23,7 +24,10 @@ log = logging.getLogger(__name__)
 
 REFERENCE_AREA = 1024 * 1024  # output area when the size follows the reference's aspect
 WARM_UP_SIZE = 512
-COMPILED_SIZES = ((1024, 1024),)  # warmed (compiled) at start-up when COMPILE is on; others run eagerly
+COMPILED_SIZE = (
+    1024,
+    1024,
+)  # the UNet is compiled for this image size when COMPILE is on; others run eagerly
 
 
 class SdxlFamily:
@@ -37,12 +41,12 @@ class SdxlFamily:
         text2img: StableDiffusionXLPipeline,
         img2img: StableDiffusionXLImg2ImgPipeline,
         limits: FetchLimits,
-        compiled: bool = False,
+        compiled_unet: CompiledUnet | None = None,
     ) -> None:
         self.text2img = text2img
         self.img2img = img2img
         self.limits = limits
-        self.compiled = compiled
+        self.compiled_unet = compiled_unet
 
     @classmethod
     def load(cls, settings: Settings) -> SdxlFamily:
@@ -62,23 +66,29 @@ class SdxlFamily:
         img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(text2img, dtype=dtype)
         img2img.set_progress_bar_config(disable=True)
         limits = FetchLimits.from_settings(settings)
-        compiled = acceleration.compile_enabled(settings, device) and settings.compile_sdxl
-        if compiled:
-            # One graph for every batch size (num_images 1-8, with and without CFG rows).
-            acceleration.compile_forward(text2img.unet, dynamic_batch=True)
-        return cls(text2img, img2img, limits, compiled)
+        compiled_unet = None
+        if acceleration.compile_enabled(settings, device) and settings.compile_sdxl:
+            scale = text2img.vae_scale_factor
+            latent_size = (COMPILED_SIZE[1] // scale, COMPILED_SIZE[0] // scale)
+            compiled_unet = CompiledUnet(text2img.unet, latent_size, settings.compile_cache_path)
+        return cls(text2img, img2img, limits, compiled_unet)
 
-    def warm_up(self) -> None:
+    def warm_up(self) -> dict[str, float]:
         """Run both pipelines once so the first job pays no first-call cost.
 
-        With COMPILE on, this is where the UNet compiles: at every size in COMPILED_SIZES,
-        under inference mode like a job, so jobs reuse the compiled graph.
+        With COMPILE on, the compiled UNet is loaded first (compiled and saved when missing:
+        minutes, once per GPU type and version) and the pipelines run at COMPILED_SIZE.
+        Returns the seconds of the compile phases.
         """
-        sizes = COMPILED_SIZES if self.compiled else ((WARM_UP_SIZE, WARM_UP_SIZE),)
+        timings: dict[str, float] = {}
+        width = height = WARM_UP_SIZE
+        if self.compiled_unet is not None:
+            timings = self.compiled_unet.prepare()
+            width, height = COMPILED_SIZE
         with torch.inference_mode():
-            for width, height in sizes:
-                image = self.text2img("warm-up", width=width, height=height, num_inference_steps=2).images[0]
-                self.img2img("warm-up", image=image, strength=0.5, num_inference_steps=2)
+            image = self.text2img("warm-up", width=width, height=height, num_inference_steps=2).images[0]
+            self.img2img("warm-up", image=image, strength=0.5, num_inference_steps=2)
+        return timings
 
     def plan(self, request: JobRequest) -> SdxlPlan:
         """Validate the SDXL part of the payload."""

@@ -6,6 +6,8 @@ Both pipelines share one text encoder, tokenizer and VAE in memory.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -86,21 +88,26 @@ class WanFamily:
         limits = FetchLimits.from_settings(settings)
         return cls(text2video, vace, limits, compiled)
 
-    def warm_up(self) -> None:
+    def warm_up(self) -> dict[str, float]:
         """Run both pipelines once, small, so the first job pays no first-call cost.
 
         With COMPILE on, the transformers' blocks also compile here, at COMPILED_SHAPES
-        (the small pipeline run stays eager so that it compiles nothing).
+        (the small pipeline run stays eager so that it compiles nothing). Returns the
+        seconds of each phase.
         """
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
         with torch.compiler.set_stance("force_eager") if self.compiled else nullcontext():
             self.text2video("warm-up", **WARM_UP)
             gray = Image.new("RGB", (WARM_UP["width"], WARM_UP["height"]), (128, 128, 128))
             self.vace("warm-up", reference_images=[gray], **WARM_UP)
+        timings["pipelines"] = round(time.perf_counter() - started, 2)
         if self.compiled:
             for width, height, frames in COMPILED_SHAPES:
-                self._warm_transformers(width, height, frames)
+                self._warm_transformers(width, height, frames, timings)
+        return timings
 
-    def _warm_transformers(self, width: int, height: int, frames: int) -> None:
+    def _warm_transformers(self, width: int, height: int, frames: int, timings: dict[str, float]) -> None:
         """Call each transformer as the pipelines do (bf16 inputs, CFG batch 1) at one shape."""
         pipe = self.text2video
         transformer = pipe.transformer
@@ -112,20 +119,31 @@ class WanFamily:
         channels = transformer.config.in_channels
         vace = self.vace.transformer
         scale = torch.ones(len(vace.config.vace_layers), device=device, dtype=dtype)
+
+        def timed(name: str, call: Callable[[], Any]) -> None:
+            started = time.perf_counter()
+            call()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            timings[name] = round(time.perf_counter() - started, 2)
+
         with torch.inference_mode():
             latents = torch.randn(1, channels, latent_frames, *latent_size, device=device, dtype=dtype)
-            transformer(latents, timestep, text, return_dict=False)
+            timed("t2v", lambda: transformer(latents, timestep, text, return_dict=False))
             for extra_frames in (0, 1):  # start/end/both modes; single mode (reference frame prepended)
                 shape = (latent_frames + extra_frames, *latent_size)
-                latents = torch.randn(1, channels, *shape, device=device, dtype=dtype)
+                noisy = torch.randn(1, channels, *shape, device=device, dtype=dtype)
                 control = torch.randn(1, vace.config.vace_in_channels, *shape, device=device, dtype=dtype)
-                vace(
-                    hidden_states=latents,
-                    timestep=timestep,
-                    encoder_hidden_states=text,
-                    control_hidden_states=control,
-                    control_hidden_states_scale=scale,
-                    return_dict=False,
+                timed(
+                    f"vace_{latent_frames + extra_frames}_frames",
+                    lambda noisy=noisy, control=control: vace(
+                        hidden_states=noisy,
+                        timestep=timestep,
+                        encoder_hidden_states=text,
+                        control_hidden_states=control,
+                        control_hidden_states_scale=scale,
+                        return_dict=False,
+                    ),
                 )
 
     def plan(self, request: JobRequest) -> WanPlan:
