@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
+from src.faults import is_gpu_fault
 from src.sdxl import compiled_unet
 from src.sdxl.compiled_unet import CompiledUnet
 from src.sdxl.family import COMPILED_SIZE
@@ -149,3 +150,23 @@ def test_worker_serves_1024_jobs_from_the_package(s3: Any, s3_endpoint: str, pac
         assert len(list_keys(s3, "aot/aot-1024/")) == 4
     finally:
         torch.compiler.set_stance("default")
+
+
+def test_failure_inside_the_compiled_graph_on_gpu_is_a_gpu_fault(
+    pipe: Any, package_dir: Path, eager_unet: Any
+) -> None:
+    compiled = CompiledUnet(eager_unet, LATENT, package_dir)
+    compiled.prepare()
+
+    def broken(*inputs: torch.Tensor) -> torch.Tensor:  # what AOTInductor raises for any CUDA error
+        raise RuntimeError("run_func_( container_handle_, ...) API call failed at model_container_runner.cpp")
+
+    compiled.runner = broken
+    compiled.on_gpu = True
+    with pytest.raises(RuntimeError) as on_gpu:
+        _images(pipe, COMPILED_SIZE)
+    assert is_gpu_fault(on_gpu.value) and "compiled SDXL UNet" in str(on_gpu.value)
+    compiled.on_gpu = False
+    with pytest.raises(RuntimeError, match="API call failed") as on_cpu:
+        _images(pipe, COMPILED_SIZE)
+    assert not is_gpu_fault(on_cpu.value)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -104,9 +105,11 @@ class CompiledUnet:
         self.eager_forward: Callable[..., Any] = type(unet).forward.__get__(unet)
         self.runner: Any = None
         device = unet.device
+        self.on_gpu = device.type == "cuda"
         identity = {
             "format": FORMAT,
             "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "dtype": str(unet.dtype),
             "latent_size": list(latent_size),
@@ -239,10 +242,20 @@ class CompiledUnet:
         if args or not self.covers(sample, timestep, kwargs):
             return self.eager_forward(sample, timestep, *args, **kwargs)
         added = kwargs["added_cond_kwargs"]
-        timestep = (
-            timestep.clone()
-        )  # a view into the schedule: unaligned, which the graph would copy and warn
-        out = self.runner(
-            sample, timestep, kwargs["encoder_hidden_states"], added["text_embeds"], added["time_ids"]
+        # The timestep is a view into the schedule, unaligned: the graph would copy it and warn.
+        inputs = (
+            sample,
+            timestep.clone(),
+            kwargs["encoder_hidden_states"],
+            added["text_embeds"],
+            added["time_ids"],
         )
+        try:
+            out = self.runner(*inputs)
+        except RuntimeError as err:
+            if not self.on_gpu:
+                raise
+            # Its inputs were checked, so a failure is the device's (AOTInductor reports CUDA errors,
+            # out-of-memory too, as a generic "API call failed"): say so, so the worker is replaced.
+            raise RuntimeError(f"CUDA error in the compiled SDXL UNet: {err}") from err
         return UNet2DConditionOutput(sample=out) if kwargs.get("return_dict", True) else (out,)
