@@ -24,10 +24,8 @@ log = logging.getLogger(__name__)
 
 REFERENCE_AREA = 1024 * 1024  # output area when the size follows the reference's aspect
 WARM_UP_SIZE = 512
-COMPILED_SIZE = (
-    1024,
-    1024,
-)  # the UNet is compiled for this image size when COMPILE is on; others run eagerly
+# With COMPILE on, the UNet is compiled for this image size; other sizes run eagerly.
+COMPILED_SIZE = (1024, 1024)
 
 
 class SdxlFamily:
