@@ -102,7 +102,8 @@ class CompiledUnet:
     def __init__(self, unet: UNet2DConditionModel, latent_size: tuple[int, int], cache_dir: Path) -> None:
         self.unet = unet
         self.latent_size = latent_size
-        self.eager_forward: Callable[..., Any] = type(unet).forward.__get__(unet)
+        self.exported = _Exported(unet)  # the call that is compiled, checked against, and named by constants
+        self.eager_forward: Callable[..., Any] = self.exported.eager
         self.runner: Any = None
         device = unet.device
         self.on_gpu = device.type == "cuda"
@@ -163,13 +164,15 @@ class CompiledUnet:
 
     def _compile(self) -> None:
         """Export at batch 2 (batch dynamic), compile, and write the package atomically."""
-        module = _Exported(self.unet)
         batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
         dynamic = ({0: batch}, None, {0: batch}, {0: batch}, {0: batch})
         log.info("compiling the SDXL UNet ahead of time (once; saved to %s)", self.path)
         with torch.inference_mode():
             program = torch.export.export(
-                module, example_inputs(self.unet, self.latent_size, 2), dynamic_shapes=dynamic, strict=False
+                self.exported,
+                example_inputs(self.unet, self.latent_size, 2),
+                dynamic_shapes=dynamic,
+                strict=False,
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".pt2")
@@ -197,18 +200,15 @@ class CompiledUnet:
             torch._C._aoti.AOTIModelPackageLoader(str(self.path), "model", False, 1, index)
         )
         names = set(self.runner.get_constant_fqns())
-        tensors = {
-            name: tensor for name, tensor in _Exported(self.unet).state_dict().items() if name in names
-        }
+        tensors = {name: tensor for name, tensor in self.exported.state_dict().items() if name in names}
         self.runner.load_constants(tensors, check_full_update=True, user_managed=True)
 
     def _agrees(self) -> bool:
         """Compiled vs eager on random inputs at two batch sizes: relative error within MAX_RELATIVE_ERROR."""
-        module = _Exported(self.unet)
         with torch.inference_mode():
             for batch in (1, 2):
                 inputs = example_inputs(self.unet, self.latent_size, batch)
-                expected = module(*inputs).float()
+                expected = self.exported(*inputs).float()
                 error = (self.runner(*inputs).float() - expected).norm() / expected.norm().clamp_min(1e-12)
                 if not torch.isfinite(error) or error.item() > MAX_RELATIVE_ERROR:
                     log.warning("compiled UNet relative error %.3g at batch %d", error.item(), batch)
