@@ -1,0 +1,134 @@
+"""Kernel-level A/B probes on the true-size random-weight models (GPU only).
+
+    python -m bench.probe --models /tmp/bench-models --out results/probe.json
+
+Times, on the models ``bench.build_models`` wrote, settings the worker could change, against
+its defaults (results: docs/PERFORMANCE.md, "Probes"). ``--only`` picks probes:
+
+- ``sdxl_unet_step_s``: the SDXL UNet, one CFG step (batch 2, 1024x1024), eager, with
+  PyTorch's default SDPA kernel (named in the result), cuDNN attention first, and flash only;
+- ``sdxl_vae_decode_s`` / ``wan_vae_decode_s``: the SDXL VAE decode of one 1024x1024 image and
+  the Wan VAE decode of 81 frames at 832x480 (fp32), with the default cuDNN convolution
+  algorithms, ``torch.backends.cudnn.benchmark``, and (SDXL) channels-last memory format.
+
+Each figure is the median of several synchronized runs after one untimed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def _median_s(call: Callable[[], Any], runs: int) -> float:
+    call()  # first-call costs (and the cuDNN algorithm search in benchmark mode)
+    times = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times), 4)
+
+
+def _variants(
+    model: torch.nn.Module, call: Callable[[], Any], runs: int, contexts: dict[str, Callable[[], Any]]
+) -> dict[str, float]:
+    """Time ``call`` under each named setting (a context factory), restoring defaults after each."""
+    results = {}
+    for name, context in contexts.items():
+        torch.backends.cudnn.benchmark = "benchmark" in name
+        model.to(memory_format=torch.channels_last if "channels_last" in name else torch.contiguous_format)
+        with torch.inference_mode(), context():
+            results[name] = _median_s(call, runs)
+        print(f"  {name}: {results[name]} s", flush=True)
+    torch.backends.cudnn.benchmark = False
+    model.to(memory_format=torch.contiguous_format)
+    return results
+
+
+def probe_sdxl_unet(models: Path, runs: int) -> dict[str, Any]:
+    from diffusers import UNet2DConditionModel
+
+    from src.sdxl.compiled_unet import example_inputs
+
+    unet = UNet2DConditionModel.from_pretrained(models / "sdxl" / "unet", dtype=torch.float16).to("cuda")
+    inputs = example_inputs(unet, (128, 128), 2)
+    added = {"text_embeds": inputs[3], "time_ids": inputs[4]}
+
+    def step() -> Any:
+        return unet(inputs[0], inputs[1], inputs[2], added_cond_kwargs=added, return_dict=False)
+
+    cudnn_first = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    contexts: dict[str, Callable[[], AbstractContextManager[Any]]] = {
+        "default_sdpa": nullcontext,
+        "cudnn_sdpa": lambda: sdpa_kernel(cudnn_first, set_priority=True),
+        "flash_sdpa": lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION]),
+        "default_sdpa_again": nullcontext,  # order effects (clocks, caches) show as a difference
+    }
+    q = torch.randn(2, 10, 4096, 64, device="cuda", dtype=torch.float16)  # the 64x64 level's self-attention
+    choice = SDPBackend(torch._fused_sdp_choice(q, q, q)).name
+    print(f"SDXL UNet, one CFG step (default SDPA kernel for self-attention: {choice}):", flush=True)
+    return {"default_kernel": choice, **_variants(unet, step, runs, contexts)}
+
+
+def probe_sdxl_vae(models: Path, runs: int) -> dict[str, float]:
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(models / "sdxl" / "vae", dtype=torch.float16).to("cuda")
+    latents = torch.randn(1, 4, 128, 128, device="cuda", dtype=torch.float16)
+    print("SDXL VAE decode, 1024x1024:", flush=True)
+    return _variants(vae, lambda: vae.decode(latents), runs, _conv_contexts())
+
+
+def probe_wan_vae(models: Path, runs: int) -> dict[str, float]:
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(models / "wan-t2v" / "vae", dtype=torch.float32).to("cuda")
+    latents = torch.randn(1, 16, 21, 60, 104, device="cuda")
+    print("Wan VAE decode, 81 frames 832x480 (fp32):", flush=True)
+    contexts = {k: v for k, v in _conv_contexts().items() if "channels_last" not in k}  # 5-D tensors
+    return _variants(vae, lambda: vae.decode(latents), runs, contexts)
+
+
+def _conv_contexts() -> dict[str, Callable[[], AbstractContextManager[Any]]]:
+    return {
+        name: nullcontext for name in ("default", "benchmark", "channels_last", "channels_last_benchmark")
+    }
+
+
+PROBES: dict[str, Callable[[Path, int], Any]] = {
+    "sdxl_unet_step_s": probe_sdxl_unet,
+    "sdxl_vae_decode_s": probe_sdxl_vae,
+    "wan_vae_decode_s": probe_wan_vae,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=Path("/tmp/bench-models"))
+    parser.add_argument("--out", type=Path, default=Path("bench-results/probe.json"))
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per variant (Wan VAE: half)")
+    parser.add_argument("--only", default="sdxl_unet_step_s,sdxl_vae_decode_s,wan_vae_decode_s")
+    args = parser.parse_args()
+    results: dict[str, Any] = {"card": torch.cuda.get_device_name()}
+    for name in args.only.split(","):
+        runs = max(2, args.runs // 2) if name.startswith("wan") else args.runs
+        results[name] = PROBES[name](args.models, runs)
+        torch.cuda.empty_cache()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
