@@ -51,8 +51,8 @@ class Settings(BaseSettings):
     compile_sdxl: bool = Field(
         True,
         description="With COMPILE on, also run the SDXL UNet AOT-compiled (AOTInductor) at 1024x1024, every "
-        "batch size: 1.49x faster end to end on an H100; the first start compiles it (about 5 minutes, once "
-        "per GPU type), later starts load it in under a second from COMPILE_CACHE_DIR.",
+        "batch size: 1.5-1.9x faster end to end on an H100; the first start compiles it (5-7 minutes, once "
+        "per GPU type and version), later starts load it in under a second from COMPILE_CACHE_DIR.",
     )
     compile_cache_dir: Path | None = Field(
         None,
