@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -28,17 +27,12 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench.run import timed
+
 
 def _median_s(call: Callable[[], Any], runs: int) -> float:
     call()  # first-call costs (and the cuDNN algorithm search in benchmark mode)
-    times = []
-    for _ in range(runs):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        call()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return round(statistics.median(times), 4)
+    return round(statistics.median(timed(call)[1] for _ in range(runs)), 4)
 
 
 def _variants(

@@ -71,7 +71,8 @@ def _serve(directory: Path) -> str:
     return f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def _timed(fn, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+def timed(fn, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    """``fn(*args, **kwargs)`` and its seconds, GPU work included (synchronized before and after)."""
     import torch
 
     torch.cuda.synchronize()
@@ -95,7 +96,7 @@ def phase_plain(models: Path, out: dict[str, Any], only: set[str]) -> None:
     from PIL import Image
 
     if only & set(SDXL_JOBS):
-        pipe, load_s = _timed(
+        pipe, load_s = timed(
             lambda: StableDiffusionXLPipeline.from_pretrained(models / "sdxl", torch_dtype=torch.float16).to(
                 "cuda"
             )
@@ -109,7 +110,7 @@ def phase_plain(models: Path, out: dict[str, Any], only: set[str]) -> None:
             runs = []
             for seed in (1, 2):
                 torch.cuda.reset_peak_memory_stats()
-                _, seconds = _timed(
+                _, seconds = timed(
                     pipe,
                     PROMPT,
                     negative_prompt=NEGATIVE,
@@ -166,9 +167,9 @@ def phase_plain(models: Path, out: dict[str, Any], only: set[str]) -> None:
         )
         torch.cuda.reset_peak_memory_stats()
         if with_reference:
-            _, seconds = _timed(vace, reference_images=[reference], conditioning_scale=0.85, **common)
+            _, seconds = timed(vace, reference_images=[reference], conditioning_scale=0.85, **common)
         else:
-            _, seconds = _timed(pipe, **common)
+            _, seconds = timed(pipe, **common)
         out[name] = {"s": round(seconds, 2), "peak_gib": _gib(torch.cuda.max_memory_allocated())}
         print(f"plain {name}: {out[name]}", flush=True)
 
@@ -225,7 +226,7 @@ def phase_worker(out: dict[str, Any], jobs: list[str], repeats: int) -> None:
         original = family.generate
 
         def timed_generate(plan: Any, progress: Any, _original=original) -> Any:
-            result, seconds = _timed(_original, plan, progress)
+            result, seconds = timed(_original, plan, progress)
             generate_s.append(seconds)
             return result
 
