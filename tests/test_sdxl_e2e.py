@@ -272,3 +272,26 @@ def test_private_and_metadata_addresses_are_refused(
     assert result["error"].startswith("metadata.reference_image_url: refused")
     assert "non-public address" in result["error"]
     assert list_keys(s3, "user-1/ref-private/") == []
+
+
+def test_images_are_the_pipelines_own_pil_output(sdxl_worker: Worker, s3: Any) -> None:
+    """The worker converts to uint8 on the device; the pixels are exactly what output_type="pil" gives."""
+    import torch
+
+    config = {"width": 640, "height": 512, "num_images": 2, "seed": 11, "num_inference_steps": 3}
+    result = run(sdxl_worker, sdxl_job("pil-equal", config=config))
+    assert result["status"] == "completed", result
+    stored = [np.asarray(check_image_asset(s3, a, (640, 512))) for a in result["assets"]]
+    family = sdxl_worker.families[0]
+    with torch.inference_mode():
+        expected = family.text2img(
+            prompt="a red fox in the snow",
+            width=640,
+            height=512,
+            num_inference_steps=3,
+            guidance_scale=result["assets"][0]["metadata"]["guidance_scale"],
+            num_images_per_prompt=2,
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in (11, 12)],
+        ).images
+    for got, image in zip(stored, expected, strict=True):
+        np.testing.assert_array_equal(got, np.asarray(image))

@@ -7,6 +7,7 @@ import math
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 THUMBNAIL_EDGE = 256
@@ -29,6 +30,17 @@ def size_for_aspect(
         return min(max(round(value / multiple) * multiple, lowest), highest)
 
     return snap(out_w), snap(out_h)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``[N, 3, H, W]`` floats in [0, 1] (on any device) -> ``[N, H, W, 3]`` uint8 on the host.
+
+    The same arithmetic as diffusers' ``output_type="pil"`` (float32, x255, round half to even),
+    done where the tensor is, so only uint8 pixels cross from the GPU and no float32 copy is made
+    on the host.
+    """
+    pixels = images.float().clamp(0.0, 1.0).mul(255).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def fit_cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:

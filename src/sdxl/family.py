@@ -12,7 +12,7 @@ from PIL import Image
 from src import acceleration
 from src.contract import JobRequest
 from src.media.assets import GeneratedImage, Generation, encode_image_async
-from src.media.images import fit_cover, size_for_aspect
+from src.media.images import fit_cover, size_for_aspect, to_uint8
 from src.media.reference import FetchLimits, fetch_reference
 from src.models import model_dirs
 from src.progress import Progress
@@ -131,10 +131,13 @@ class SdxlFamily:
             "guidance_scale": plan.guidance_scale,
             "num_inference_steps": plan.schedule_steps,
             "callback_on_step_end": on_step,
+            "output_type": "pt",  # converted to uint8 on the device: output_type="pil" does it on the host
         }
         with torch.inference_mode():
             if reference is None:
                 width, height = size
-                return self.text2img(width=width, height=height, **common).images
-            image = fit_cover(reference, size)
-            return self.img2img(image=image, strength=plan.denoise_strength, **common).images
+                output = self.text2img(width=width, height=height, **common)
+            else:
+                image = fit_cover(reference, size)
+                output = self.img2img(image=image, strength=plan.denoise_strength, **common)
+            return [Image.fromarray(pixels) for pixels in to_uint8(output.images)]

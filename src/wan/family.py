@@ -25,6 +25,7 @@ from PIL import Image
 from src import acceleration
 from src.contract import JobRequest
 from src.media.assets import GeneratedImage, GeneratedVideo, Generation, encode_image_async
+from src.media.images import to_uint8
 from src.media.reference import FetchLimits, fetch_reference
 from src.models import model_dirs
 from src.progress import Progress
@@ -198,7 +199,4 @@ class WanFamily:
                 output_type="pt",
                 **extra,
             )
-            # Same arithmetic as output_type="np" + clip/scale/round on the CPU (float32, round half
-            # to even), done on the device so only uint8 frames cross to the host.
-            video = output.frames[0].float().clamp(0.0, 1.0).mul(255).round().to(torch.uint8)
-            return video.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+            return to_uint8(output.frames[0])  # frames [T, 3, H, W]
