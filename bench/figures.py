@@ -71,6 +71,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 generate_s=w["generate_s"],
                 outside_gpu_s=w["outside_gpu_s"],
                 peak_gib=w["peak_gib"],
+                peak_reserved_gib=w.get("peak_reserved_gib"),
             )
         if p and w:
             row["speedup"] = round(p["s"] / w["s"], 2)
@@ -93,19 +94,22 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     peaks = [r["peak_gib"] for r in rows if "peak_gib" in r]
     if peaks:
         summary["peak_gpu_gib_both"] = max(peaks)
+    reserved = [r["peak_reserved_gib"] for r in rows if r.get("peak_reserved_gib") is not None]
+    if reserved:
+        summary["peak_reserved_gpu_gib_both"] = max(reserved)
     return summary
 
 
 def print_table(summary: dict[str, Any]) -> None:
     print(f"\ncard: {summary.get('card')}")
     head = f"{'job':16}{'plain s':>9}{'worker s':>10}{'x':>6}{'floor s':>9}{'gen s':>8}{'out s':>7}"
-    print(head + f"{'peak GiB':>9}{'plain GiB':>10}")
+    print(head + f"{'peak GiB':>9}{'reserved':>9}{'plain GiB':>10}")
     for r in summary["rows"]:
         print(
             f"{r['job']:16}{r.get('plain_s', '-')!s:>9}{r.get('worker_s', '-')!s:>10}"
             f"{r.get('speedup', '-')!s:>6}{r['floor_s']!s:>9}{r.get('generate_s', '-')!s:>8}"
             f"{r.get('outside_gpu_s', '-')!s:>7}{r.get('peak_gib', '-')!s:>9}"
-            f"{r.get('plain_peak_gib', '-')!s:>10}"
+            f"{r.get('peak_reserved_gib') or '-'!s:>9}{r.get('plain_peak_gib', '-')!s:>10}"
         )
     for key in ("cold_start_no_cache", "cold_start_cached"):
         if key in summary:

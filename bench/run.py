@@ -124,6 +124,7 @@ def phase_plain(models: Path, out: dict[str, Any], only: set[str]) -> None:
                 runs.append(seconds)
             out[name] = {"s": round(min(runs), 3), "runs": [round(r, 3) for r in runs]}
             out[name]["peak_gib"] = _gib(torch.cuda.max_memory_allocated())
+            out[name]["peak_reserved_gib"] = _gib(torch.cuda.max_memory_reserved())
             print(f"plain {name}: {out[name]}", flush=True)
         del pipe
         torch.cuda.empty_cache()
@@ -170,7 +171,11 @@ def phase_plain(models: Path, out: dict[str, Any], only: set[str]) -> None:
             _, seconds = timed(vace, reference_images=[reference], conditioning_scale=0.85, **common)
         else:
             _, seconds = timed(pipe, **common)
-        out[name] = {"s": round(seconds, 2), "peak_gib": _gib(torch.cuda.max_memory_allocated())}
+        out[name] = {
+            "s": round(seconds, 2),
+            "peak_gib": _gib(torch.cuda.max_memory_allocated()),
+            "peak_reserved_gib": _gib(torch.cuda.max_memory_reserved()),
+        }
         print(f"plain {name}: {out[name]}", flush=True)
 
 
@@ -219,6 +224,7 @@ def phase_worker(out: dict[str, Any], jobs: list[str], repeats: int) -> None:
         **families.STARTUP,
     }
     out["resident_gib"] = _gib(torch.cuda.memory_allocated())
+    out["reserved_gib"] = _gib(torch.cuda.memory_reserved())
     print(f"worker ready: {out['startup']}", flush=True)
 
     generate_s: list[float] = []
@@ -252,6 +258,7 @@ def phase_worker(out: dict[str, Any], jobs: list[str], repeats: int) -> None:
                     "generate_s": round(generate_s[0], 3),
                     "outside_gpu_s": round(seconds - generate_s[0], 3),
                     "peak_gib": _gib(torch.cuda.max_memory_allocated()),
+                    "peak_reserved_gib": _gib(torch.cuda.max_memory_reserved()),
                 }
             )
         best = min(runs, key=lambda r: r["s"])

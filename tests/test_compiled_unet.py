@@ -93,7 +93,8 @@ def test_compiled_size_runs_the_package_and_matches_eager(
     compiled = CompiledUnet(eager_unet, LATENT, package_dir)
     timings = compiled.prepare()
     assert "aot_compile" not in timings  # the next worker loads the package: no compile
-    compiled.runner = spy = _Spy(compiled.runner)
+    assert compiled.call is compiled.runner and "cuda_graphs" not in timings  # CUDA graphs: on CUDA only
+    compiled.call = spy = _Spy(compiled.call)
     got = _images(pipe, COMPILED_SIZE)
     assert spy.batches == [4, 4, 4]  # 3 steps x (2 images + 2 unconditional rows), one call each
     assert np.abs(got - expected).max() <= 2  # float rounding of the compiled kernels, nothing more
@@ -110,7 +111,7 @@ def test_package_holds_only_the_unets_own_tensors(pipe: Any, package_dir: Path, 
 def test_other_sizes_and_arguments_run_eagerly(pipe: Any, package_dir: Path, eager_unet: Any) -> None:
     compiled = CompiledUnet(eager_unet, LATENT, package_dir)
     compiled.prepare()
-    compiled.runner = spy = _Spy(compiled.runner)
+    compiled.call = spy = _Spy(compiled.call)
     _images(pipe, (COMPILED_SIZE[0] // 2, COMPILED_SIZE[1]))  # another size
     _images(pipe, COMPILED_SIZE, cross_attention_kwargs={})  # an argument the graph does not take
     assert spy.batches == []
@@ -149,7 +150,7 @@ def test_worker_serves_1024_jobs_from_the_package(s3: Any, s3_endpoint: str, pac
     try:
         worker = start_worker(settings)
         (family,) = worker.families
-        family.compiled_unet.runner = spy = _Spy(family.compiled_unet.runner)
+        family.compiled_unet.call = spy = _Spy(family.compiled_unet.call)
         for job_id, config in (("aot-1024", {"num_images": 2}), ("aot-512", {"width": 512, "height": 512})):
             payload = {"type": "sdxl_image_fast", "prompt": "a boat", "user_id": "aot", "config": config}
             result = worker.handle({"id": job_id, "input": {"id": job_id, **payload}})
@@ -169,7 +170,7 @@ def test_failure_inside_the_compiled_graph_on_gpu_is_a_gpu_fault(
     def broken(*inputs: torch.Tensor) -> torch.Tensor:  # what AOTInductor raises for any CUDA error
         raise RuntimeError("run_func_( container_handle_, ...) API call failed at model_container_runner.cpp")
 
-    compiled.runner = broken
+    compiled.call = broken
     compiled.on_gpu = True
     with pytest.raises(RuntimeError) as on_gpu:
         _images(pipe, COMPILED_SIZE)

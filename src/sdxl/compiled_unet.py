@@ -9,6 +9,7 @@
 - A loaded package is checked against the eager UNet on random inputs before it serves; a
   package that disagrees or does not load (a stale or corrupt file) is compiled again.
 - Calls it was not compiled for (other sizes, ControlNet residuals, ...) run the eager UNet.
+- On CUDA, one-image calls replay CUDA graphs of the package (``src/sdxl/cuda_graphs.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -28,10 +30,13 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+from src.sdxl.cuda_graphs import GraphedCall
+
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 16  # 8 images x 2 CFG rows
 TEXT_TOKENS = 77  # CLIP's context length: SDXL prompt embeddings always have 77 rows
+GRAPHED_BATCHES = (1, 2)  # one image, without and with CFG: CUDA graphs on GPU
 MAX_RELATIVE_ERROR = 2e-2  # compiled vs eager on the same inputs (fp16 rounding is ~1e-3)
 FORMAT = 1  # bump when the exported signature changes
 # No weights in the package, and no constants derived from them: runtime constant folding would
@@ -97,17 +102,32 @@ def example_inputs(
     )
 
 
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """``|got - expected| / |expected|`` in float32; infinite when not finite."""
+    expected = expected.float()
+    error = ((got.float() - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+    return error if math.isfinite(error) else math.inf
+
+
 class CompiledUnet:
     """An AOTInductor package of one UNet at one latent size, and the routing to it."""
 
-    def __init__(self, unet: UNet2DConditionModel, latent_size: tuple[int, int], cache_dir: Path) -> None:
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        latent_size: tuple[int, int],
+        cache_dir: Path,
+        cuda_graphs: bool = True,
+    ) -> None:
         self.unet = unet
         self.latent_size = latent_size
         self.exported = _Exported(unet)  # the call that is compiled, checked against, and named by constants
         self.eager_forward: Callable[..., Any] = self.exported.eager
         self.runner: Any = None
+        self.call: Callable[..., torch.Tensor] | None = None  # the runner, or CUDA graphs of it
         device = unet.device
         self.on_gpu = device.type == "cuda"
+        self.cuda_graphs = cuda_graphs and self.on_gpu
         identity = {
             "format": FORMAT,
             "torch": torch.__version__,
@@ -130,11 +150,11 @@ class CompiledUnet:
         timings: dict[str, float] = {}
         try:
             if self.path.is_file() and self._load_checked(timings):
-                self._install()
+                self._install(timings)
                 return timings
             self._timed(timings, "aot_compile", self._compile)
             if self._load_checked(timings):
-                self._install()
+                self._install(timings)
             else:
                 log.warning("the freshly compiled UNet is unusable: serving eagerly")
         except Exception as err:  # compiling is an optimisation: the worker serves eagerly without it
@@ -209,14 +229,36 @@ class CompiledUnet:
         with torch.inference_mode():
             for batch in (1, 2):
                 inputs = example_inputs(self.unet, self.latent_size, batch)
-                expected = self.exported(*inputs).float()
-                error = (self.runner(*inputs).float() - expected).norm() / expected.norm().clamp_min(1e-12)
-                if not torch.isfinite(error) or error.item() > MAX_RELATIVE_ERROR:
-                    log.warning("compiled UNet relative error %.3g at batch %d", error.item(), batch)
+                error = _relative_error(self.runner(*inputs), self.exported(*inputs))
+                if error > MAX_RELATIVE_ERROR:
+                    log.warning("compiled UNet relative error %.3g at batch %d", error, batch)
                     return False
         return True
 
-    def _install(self) -> None:
+    def _capture_graphs(self) -> Callable[..., torch.Tensor]:
+        """CUDA graphs of the package at GRAPHED_BATCHES, checked against it; the package if that fails."""
+        try:
+            reserved = torch.cuda.memory_reserved(self.unet.device)
+            graphed = GraphedCall(self.runner)
+            for batch in GRAPHED_BATCHES:
+                graphed.capture(example_inputs(self.unet, self.latent_size, batch))
+            with torch.inference_mode():
+                for batch in GRAPHED_BATCHES:
+                    inputs = example_inputs(self.unet, self.latent_size, batch)
+                    if _relative_error(graphed(*inputs), self.runner(*inputs)) > MAX_RELATIVE_ERROR:
+                        log.warning("CUDA graphs of the compiled UNet disagree at batch %d: not used", batch)
+                        return self.runner
+            extra = (torch.cuda.memory_reserved(self.unet.device) - reserved) / 2**30
+            log.info("compiled UNet: CUDA graphs for batches %s (%.2f GiB reserved)", GRAPHED_BATCHES, extra)
+            return graphed
+        except Exception as err:  # graphs are an optimisation: the package serves without them
+            log.warning("CUDA graphs of the compiled UNet failed (%s: %s): not used", type(err).__name__, err)
+            return self.runner
+
+    def _install(self, timings: dict[str, float]) -> None:
+        self.call = (
+            self._timed(timings, "cuda_graphs", self._capture_graphs) if self.cuda_graphs else self.runner
+        )
         self.unet.forward = self.forward
         log.info("SDXL UNet: compiled for %s latents, batch 1-%d", self.latent_size, MAX_BATCH)
 
@@ -252,7 +294,7 @@ class CompiledUnet:
             added["time_ids"],
         )
         try:
-            out = self.runner(*inputs)
+            out = self.call(*inputs)
         except RuntimeError as err:
             if not self.on_gpu:
                 raise

@@ -68,7 +68,9 @@ class SdxlFamily:
         if acceleration.compile_enabled(settings, device) and settings.compile_sdxl:
             scale = text2img.vae_scale_factor
             latent_size = (COMPILED_SIZE[1] // scale, COMPILED_SIZE[0] // scale)
-            compiled_unet = CompiledUnet(text2img.unet, latent_size, settings.compile_cache_path)
+            compiled_unet = CompiledUnet(
+                text2img.unet, latent_size, settings.compile_cache_path, cuda_graphs=settings.sdxl_cuda_graphs
+            )
         return cls(text2img, img2img, limits, compiled_unet)
 
     def warm_up(self) -> dict[str, float]:
