@@ -7,6 +7,11 @@ its defaults (results: docs/PERFORMANCE.md, "Probes"). ``--only`` picks probes:
 
 - ``sdxl_unet_step_s``: the SDXL UNet, one CFG step (batch 2, 1024x1024), eager, with
   PyTorch's default SDPA kernel (named in the result), cuDNN attention first, and flash only;
+- ``sdxl_unet_compiled_step_s``: the same step through ``torch.compile`` (inductor, the code
+  AOTInductor generates too) with the batch static and dynamic, each called directly and replayed
+  from a CUDA graph (``src.sdxl.cuda_graphs``); plus the SDXL VAE decode compiled;
+- ``aoti_cuda_graph``: a small AOTInductor package loaded as the worker loads the UNet's
+  (user-managed constants), captured in a CUDA graph: replay and direct calls agree;
 - ``sdxl_vae_decode_s`` / ``wan_vae_decode_s``: the SDXL VAE decode of one 1024x1024 image and
   the Wan VAE decode of 81 frames at 832x480 (fp32), with the default cuDNN convolution
   algorithms, ``torch.backends.cudnn.benchmark``, and (SDXL) channels-last memory format.
@@ -76,6 +81,98 @@ def probe_sdxl_unet(models: Path, runs: int) -> dict[str, Any]:
     return {"default_kernel": choice, **_variants(unet, step, runs, contexts)}
 
 
+def probe_sdxl_unet_compiled(models: Path, runs: int) -> dict[str, Any]:
+    """One CFG step compiled with a static and a dynamic batch, direct and from a CUDA graph."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from src.sdxl.compiled_unet import _Exported, example_inputs
+    from src.sdxl.cuda_graphs import GraphedCall
+
+    unet = UNet2DConditionModel.from_pretrained(models / "sdxl" / "unet", dtype=torch.float16).to("cuda")
+    exported = _Exported(unet)
+    inputs = example_inputs(unet, (128, 128), 2)
+    results: dict[str, Any] = {}
+    with torch.inference_mode():
+        results["eager"] = _median_s(lambda: exported(*inputs), runs)
+        for name in ("static_batch", "dynamic_batch"):
+            torch._dynamo.reset()
+            compiled = torch.compile(exported, dynamic=False if name == "static_batch" else None)
+            if name == "dynamic_batch":
+                for index in (0, 2, 3, 4):
+                    torch._dynamo.mark_dynamic(inputs[index], 0)
+            results[f"{name}_compile_s"] = round(timed(lambda: compiled(*inputs))[1], 1)  # noqa: B023
+            results[name] = _median_s(lambda: compiled(*inputs), runs)  # noqa: B023
+            graphed = GraphedCall(compiled)
+            graphed.capture(inputs)
+            fresh = example_inputs(unet, (128, 128), 2)
+            error = (graphed(*fresh).float() - compiled(*fresh).float()).abs().max().item()
+            results[f"{name}_cuda_graph"] = _median_s(lambda: graphed(*inputs), runs)  # noqa: B023
+            results[f"{name}_cuda_graph_max_abs_diff"] = error
+            print(f"  {name}: {results}", flush=True)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        vae = AutoencoderKL.from_pretrained(models / "sdxl" / "vae", dtype=torch.float16).to("cuda")
+        latents = torch.randn(1, 4, 128, 128, device="cuda", dtype=torch.float16)
+        results["vae_decode_eager"] = _median_s(lambda: vae.decode(latents), runs)
+        decode = torch.compile(vae.decode, dynamic=False)
+        results["vae_decode_compile_s"] = round(timed(lambda: decode(latents))[1], 1)
+        results["vae_decode_compiled"] = _median_s(lambda: decode(latents), runs)
+    print(f"SDXL UNet step compiled: {results}", flush=True)
+    return results
+
+
+def probe_aoti_cuda_graph(models: Path, runs: int) -> dict[str, Any]:
+    """A small AOTInductor package, loaded like the UNet's, captured and replayed."""
+    import tempfile
+
+    from torch.export.pt2_archive._package import AOTICompiledModel
+
+    from src.sdxl.compiled_unet import INDUCTOR_CONFIGS
+    from src.sdxl.cuda_graphs import GraphedCall
+
+    class Small(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(64, 64, 3, padding=1)
+            self.proj = torch.nn.Linear(64, 192)
+
+        def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            h = torch.nn.functional.silu(self.conv(x)) * scale
+            tokens = h.flatten(2).transpose(1, 2)
+            q, k, v = self.proj(tokens).view(x.shape[0], -1, 3, 2, 32).permute(2, 0, 3, 1, 4)
+            attn = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return attn.transpose(1, 2).reshape(tokens.shape[0], -1, 64).transpose(1, 2).reshape(x.shape) + x
+
+    model = Small().half().cuda()
+    batch = torch.export.Dim("batch", min=1, max=8)
+    example = (
+        torch.randn(2, 64, 32, 32, device="cuda", dtype=torch.float16),
+        torch.tensor(0.5, device="cuda"),
+    )
+    with torch.inference_mode():
+        program = torch.export.export(model, example, dynamic_shapes=({0: batch}, None), strict=False)
+    path = Path(tempfile.mkdtemp()) / "small.pt2"
+    torch._inductor.aoti_compile_and_package(
+        program, package_path=str(path), inductor_configs=dict(INDUCTOR_CONFIGS)
+    )
+    runner = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, 0))
+    runner.load_constants(dict(model.state_dict()), check_full_update=True, user_managed=True)
+    graphed = GraphedCall(runner)
+    results: dict[str, Any] = {}
+    with torch.inference_mode():
+        graphed.capture(example)
+        for attempt in range(3):  # replay, then the package directly (its completion event), again
+            fresh = (torch.randn_like(example[0]), torch.tensor(0.25 * attempt, device="cuda"))
+            replayed, direct, eager = graphed(*fresh), runner(*fresh), model(*fresh)
+            results[f"replay_vs_direct_{attempt}"] = (replayed - direct).abs().max().item()
+            results[f"direct_vs_eager_{attempt}"] = (direct - eager).abs().max().item()
+        results["other_batch_direct_vs_eager"] = (
+            (graphed(example[0][:1], example[1]) - model(example[0][:1], example[1])).abs().max().item()
+        )
+    print(f"AOTInductor package in a CUDA graph: {results}", flush=True)
+    return results
+
+
 def probe_sdxl_vae(models: Path, runs: int) -> dict[str, float]:
     from diffusers import AutoencoderKL
 
@@ -103,6 +200,8 @@ def _conv_contexts() -> dict[str, Callable[[], AbstractContextManager[Any]]]:
 
 PROBES: dict[str, Callable[[Path, int], Any]] = {
     "sdxl_unet_step_s": probe_sdxl_unet,
+    "sdxl_unet_compiled_step_s": probe_sdxl_unet_compiled,
+    "aoti_cuda_graph": probe_aoti_cuda_graph,
     "sdxl_vae_decode_s": probe_sdxl_vae,
     "wan_vae_decode_s": probe_wan_vae,
 }
