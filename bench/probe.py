@@ -10,8 +10,6 @@ its defaults (results: docs/PERFORMANCE.md, "Probes"). ``--only`` picks probes:
 - ``sdxl_unet_compiled_step_s``: the same step through ``torch.compile`` (inductor, the code
   AOTInductor generates too) with the batch static and dynamic, each called directly and replayed
   from a CUDA graph (``src.sdxl.cuda_graphs``); plus the SDXL VAE decode compiled;
-- ``aoti_cuda_graph``: a small AOTInductor package loaded as the worker loads the UNet's
-  (user-managed constants), captured in a CUDA graph: replay and direct calls agree;
 - ``sdxl_vae_decode_s`` / ``wan_vae_decode_s``: the SDXL VAE decode of one 1024x1024 image and
   the Wan VAE decode of 81 frames at 832x480 (fp32), with the default cuDNN convolution
   algorithms, ``torch.backends.cudnn.benchmark``, and (SDXL) channels-last memory format.
@@ -121,58 +119,6 @@ def probe_sdxl_unet_compiled(models: Path, runs: int) -> dict[str, Any]:
     return results
 
 
-def probe_aoti_cuda_graph(models: Path, runs: int) -> dict[str, Any]:
-    """A small AOTInductor package, loaded like the UNet's, captured and replayed."""
-    import tempfile
-
-    from torch.export.pt2_archive._package import AOTICompiledModel
-
-    from src.sdxl.compiled_unet import INDUCTOR_CONFIGS
-    from src.sdxl.cuda_graphs import GraphedCall
-
-    class Small(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = torch.nn.Conv2d(64, 64, 3, padding=1)
-            self.proj = torch.nn.Linear(64, 192)
-
-        def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-            h = torch.nn.functional.silu(self.conv(x)) * scale
-            tokens = h.flatten(2).transpose(1, 2)
-            q, k, v = self.proj(tokens).view(x.shape[0], -1, 3, 2, 32).permute(2, 0, 3, 1, 4)
-            attn = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            return attn.transpose(1, 2).reshape(tokens.shape[0], -1, 64).transpose(1, 2).reshape(x.shape) + x
-
-    model = Small().half().cuda()
-    batch = torch.export.Dim("batch", min=1, max=8)
-    example = (
-        torch.randn(2, 64, 32, 32, device="cuda", dtype=torch.float16),
-        torch.tensor(0.5, device="cuda"),
-    )
-    with torch.inference_mode():
-        program = torch.export.export(model, example, dynamic_shapes=({0: batch}, None), strict=False)
-    path = Path(tempfile.mkdtemp()) / "small.pt2"
-    torch._inductor.aoti_compile_and_package(
-        program, package_path=str(path), inductor_configs=dict(INDUCTOR_CONFIGS)
-    )
-    runner = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, 0))
-    runner.load_constants(dict(model.state_dict()), check_full_update=True, user_managed=True)
-    graphed = GraphedCall(runner)
-    results: dict[str, Any] = {}
-    with torch.inference_mode():
-        graphed.capture(example)
-        for attempt in range(3):  # replay, then the package directly (its completion event), again
-            fresh = (torch.randn_like(example[0]), torch.tensor(0.25 * attempt, device="cuda"))
-            replayed, direct, eager = graphed(*fresh), runner(*fresh), model(*fresh)
-            results[f"replay_vs_direct_{attempt}"] = (replayed - direct).abs().max().item()
-            results[f"direct_vs_eager_{attempt}"] = (direct - eager).abs().max().item()
-        results["other_batch_direct_vs_eager"] = (
-            (graphed(example[0][:1], example[1]) - model(example[0][:1], example[1])).abs().max().item()
-        )
-    print(f"AOTInductor package in a CUDA graph: {results}", flush=True)
-    return results
-
-
 def probe_sdxl_vae(models: Path, runs: int) -> dict[str, float]:
     from diffusers import AutoencoderKL
 
@@ -201,7 +147,6 @@ def _conv_contexts() -> dict[str, Callable[[], AbstractContextManager[Any]]]:
 PROBES: dict[str, Callable[[Path, int], Any]] = {
     "sdxl_unet_step_s": probe_sdxl_unet,
     "sdxl_unet_compiled_step_s": probe_sdxl_unet_compiled,
-    "aoti_cuda_graph": probe_aoti_cuda_graph,
     "sdxl_vae_decode_s": probe_sdxl_vae,
     "wan_vae_decode_s": probe_wan_vae,
 }

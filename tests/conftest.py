@@ -113,6 +113,31 @@ def wan_worker(s3: Any, s3_endpoint: str) -> Worker:
 
 
 @pytest.fixture(scope="session")
+def fast_aot_build() -> Iterator[None]:
+    """A quicker C++ build of AOTInductor wrappers for the CPU tests (same graph, same kernels)."""
+    from src.sdxl import aot_package
+
+    patch = pytest.MonkeyPatch()
+    patch.setitem(aot_package.INDUCTOR_CONFIGS, "aot_inductor.compile_wrapper_opt_level", "O0")
+    yield
+    patch.undo()
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe(s3_endpoint: str) -> Any:
+    """The tiny SDXL text-to-image pipeline (float32, CPU), loaded once; tests restore what they patch."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from src.models import model_dirs
+    from src.sdxl.tiny import build_tiny_sdxl
+
+    (path,) = model_dirs(tiny_settings(s3_endpoint, ["sdxl"]), ["sdxl"], build_tiny_sdxl)
+    pipe = StableDiffusionXLPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
 def both_worker(sdxl_worker: Worker, wan_worker: Worker) -> Worker:
     """A worker serving both families (sharing the loaded models of the two above)."""
     settings = sdxl_worker.settings.model_copy(update={"worker_models": ["sdxl", "wan"]})

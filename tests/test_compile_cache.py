@@ -17,13 +17,13 @@ START = """
 import json, sys
 from pathlib import Path
 from src import families
-from src.sdxl import compiled_unet
+from src.sdxl import aot_package
 from src.settings import Settings
 from src.wan import family as wan
 from src.worker import start_worker
 from torch._dynamo.utils import counters
 
-compiled_unet.INDUCTOR_CONFIGS["aot_inductor.compile_wrapper_opt_level"] = "O0"  # a quicker C++ build
+aot_package.INDUCTOR_CONFIGS["aot_inductor.compile_wrapper_opt_level"] = "O0"  # a quicker C++ build
 wan.COMPILED_SHAPES = ((64, 64, 9),)  # small shapes: the same graphs' structure, compiled in seconds
 settings = Settings(
     models_dir=Path(sys.argv[1]), model_profile="tiny", worker_models=["sdxl", "wan"], device="cpu",

@@ -57,10 +57,16 @@ class GraphedCall:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[Signature, _Graph] = {}
 
-    def capture(self, inputs: tuple[torch.Tensor, ...]) -> None:
-        """Capture a graph for calls with the shapes and dtypes of ``inputs``."""
+    def capture(
+        self, inputs: tuple[torch.Tensor, ...], fn: Callable[..., torch.Tensor] | None = None
+    ) -> None:
+        """Capture a graph for calls with the shapes and dtypes of ``inputs``.
+
+        ``fn``: what the graph captures, when it must be another instance of the function
+        (one never called outside its graph); by default the function itself.
+        """
         with torch.inference_mode():
-            self.graphs[signature(inputs)] = _Graph(self.fn, inputs, self.pool)
+            self.graphs[signature(inputs)] = _Graph(fn or self.fn, inputs, self.pool)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         graph = self.graphs.get(signature(inputs))

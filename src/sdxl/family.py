@@ -17,6 +17,7 @@ from src.media.reference import FetchLimits, fetch_reference
 from src.models import model_dirs
 from src.progress import Progress
 from src.sdxl.compiled_unet import CompiledUnet
+from src.sdxl.compiled_vae import CompiledVaeDecode
 from src.sdxl.plan import DEFAULTS, SIZE_BOUNDS, SdxlPlan, plan_sdxl
 from src.settings import Settings
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 REFERENCE_AREA = 1024 * 1024  # output area when the size follows the reference's aspect
 WARM_UP_SIZE = 512
-# With COMPILE on, the UNet is compiled for this image size; other sizes run eagerly.
+# With COMPILE on, the UNet and VAE decode are compiled for this image size; other sizes run eagerly.
 COMPILED_SIZE = (1024, 1024)
 
 
@@ -40,11 +41,13 @@ class SdxlFamily:
         img2img: StableDiffusionXLImg2ImgPipeline,
         limits: FetchLimits,
         compiled_unet: CompiledUnet | None = None,
+        compiled_vae: CompiledVaeDecode | None = None,
     ) -> None:
         self.text2img = text2img
         self.img2img = img2img
         self.limits = limits
         self.compiled_unet = compiled_unet
+        self.compiled_vae = compiled_vae
 
     @classmethod
     def load(cls, settings: Settings) -> SdxlFamily:
@@ -64,26 +67,26 @@ class SdxlFamily:
         img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(text2img, dtype=dtype)
         img2img.set_progress_bar_config(disable=True)
         limits = FetchLimits.from_settings(settings)
-        compiled_unet = None
-        if acceleration.compile_enabled(settings, device) and settings.compile_sdxl:
-            scale = text2img.vae_scale_factor
-            latent_size = (COMPILED_SIZE[1] // scale, COMPILED_SIZE[0] // scale)
-            compiled_unet = CompiledUnet(
-                text2img.unet, latent_size, settings.compile_cache_path, cuda_graphs=settings.sdxl_cuda_graphs
-            )
-        return cls(text2img, img2img, limits, compiled_unet)
+        if not (acceleration.compile_enabled(settings, device) and settings.compile_sdxl):
+            return cls(text2img, img2img, limits)
+        scale = text2img.vae_scale_factor
+        latent_size = (COMPILED_SIZE[1] // scale, COMPILED_SIZE[0] // scale)
+        cache = settings.compile_cache_path
+        compiled_unet = CompiledUnet(text2img.unet, latent_size, cache, cuda_graphs=settings.sdxl_cuda_graphs)
+        compiled_vae = CompiledVaeDecode(text2img.vae, latent_size, cache)
+        return cls(text2img, img2img, limits, compiled_unet, compiled_vae)
 
     def warm_up(self) -> dict[str, float]:
         """Run both pipelines once so the first job pays no first-call cost.
 
-        With COMPILE on, the compiled UNet is loaded first (compiled and saved when missing:
-        minutes, once per GPU type and version) and the pipelines run at COMPILED_SIZE.
-        Returns the seconds of the compile phases.
+        With COMPILE on, the compiled UNet and VAE decode are loaded first (compiled and saved
+        when missing: minutes, once per GPU type and version) and the pipelines run at
+        COMPILED_SIZE. Returns the seconds of the compile phases.
         """
         timings: dict[str, float] = {}
         width = height = WARM_UP_SIZE
-        if self.compiled_unet is not None:
-            timings = self.compiled_unet.prepare()
+        if self.compiled_unet is not None and self.compiled_vae is not None:
+            timings = {**self.compiled_unet.prepare(), **self.compiled_vae.prepare()}
             width, height = COMPILED_SIZE
         with torch.inference_mode():
             image = self.text2img("warm-up", width=width, height=height, num_inference_steps=2).images[0]

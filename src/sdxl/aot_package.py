@@ -1,0 +1,178 @@
+"""One module call compiled ahead of time (AOTInductor) into a package without weights.
+
+- The call is exported with ``torch.export`` at fixed shapes except the batch dimension
+  (1..``max_batch``), and compiled by AOTInductor into a ``.pt2`` package **without weights**,
+  saved under ``COMPILE_CACHE_DIR`` and loaded by the next worker: no tracing, no compile.
+- The package runs on the live module's own tensors (user-managed constants) and derives none
+  from them: no copy, no GPU memory beyond the weights, any checkpoint of the architecture.
+- A loaded package is checked against the eager call on random inputs before it serves; a
+  package that disagrees or does not load (a stale or corrupt file) is compiled again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MAX_RELATIVE_ERROR = 2e-2  # compiled vs eager on the same inputs (fp16 rounding is ~1e-3)
+CHECKED_BATCHES = (1, 2)
+# No weights in the package, and no constants derived from them: runtime constant folding would
+# materialise every transposed Linear weight (a 4.3 GiB copy of the UNet on the H100) for no speed.
+INDUCTOR_CONFIGS: dict[str, Any] = {
+    "aot_inductor.package_constants_in_so": False,
+    "aot_inductor.use_runtime_constant_folding": False,
+}
+
+Inputs = tuple[torch.Tensor, ...]
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """``|got - expected| / |expected|`` in float32; infinite when not finite."""
+    expected = expected.float()
+    error = ((got.float() - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+    return error if math.isfinite(error) else math.inf
+
+
+def run_on_device(call: Callable[..., torch.Tensor], inputs: Inputs, on_gpu: bool, name: str) -> torch.Tensor:
+    """``call(*inputs)``; on the GPU, a failure is reported as the device's.
+
+    The inputs were checked by the caller, so a failure is the device's: AOTInductor reports
+    CUDA errors, out-of-memory too, as a generic "API call failed"; the message says "CUDA
+    error" so that the worker is replaced (``src/faults.py``).
+    """
+    try:
+        return call(*inputs)
+    except RuntimeError as err:
+        if not on_gpu:
+            raise
+        raise RuntimeError(f"CUDA error in the compiled {name}: {err}") from err
+
+
+def timed(timings: dict[str, float], name: str, step: Callable[[], Any]) -> Any:
+    """Run ``step``, adding its seconds to ``timings[name]``."""
+    started = time.perf_counter()
+    result = step()
+    timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - started, 2)
+    return result
+
+
+class AotPackage:
+    """An AOTInductor package of ``module`` (tensors in, one tensor out), the batch dimension dynamic.
+
+    ``example(batch)`` gives random inputs of the served shapes; ``batch_dims`` names, per input,
+    its batch dimension (None: not batched). ``identity`` (versions, GPU, configuration) names the
+    file: a package is reused only by the same combination.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        module: torch.nn.Module,
+        example: Callable[[int], Inputs],
+        batch_dims: tuple[int | None, ...],
+        max_batch: int,
+        identity: dict[str, Any],
+        cache_dir: Path,
+    ) -> None:
+        self.name = name
+        self.module = module
+        self.example = example
+        self.batch_dims = batch_dims
+        self.max_batch = max_batch
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.path = cache_dir / f"{name}-{digest}.pt2"
+        self.runner: Any = None
+
+    def prepare(self, timings: dict[str, float], prefix: str) -> bool:
+        """Load the package (or compile and save it) and check it; True when ``runner`` serves.
+
+        Adds the seconds of each phase to ``timings`` (``{prefix}_compile``, ``_load``, ``_check``).
+        Any failure is logged and leaves ``runner`` None: the caller serves eagerly.
+        """
+        try:
+            if self.path.is_file() and self._load_checked(timings, prefix):
+                return True
+            timed(timings, f"{prefix}_compile", self._compile)
+            if self._load_checked(timings, prefix):
+                return True
+            log.warning("the freshly compiled %s is unusable: serving eagerly", self.name)
+        except Exception as err:  # compiling is an optimisation: the worker serves eagerly without it
+            log.warning("%s not compiled (%s: %s): serving eagerly", self.name, type(err).__name__, err)
+        return False
+
+    def load_runner(self) -> Any:
+        """A new runner of the package on the module's own tensors.
+
+        The loader is built directly: ``aoti_load_package`` would first dry-compile CPU feature
+        probes with the C++ compiler, for a warning only (pytorch/pytorch#191715).
+        """
+        from torch.export.pt2_archive._package import AOTICompiledModel
+
+        device = next(self.module.parameters()).device
+        index = (device.index or 0) if device.type == "cuda" else -1
+        runner = AOTICompiledModel(
+            torch._C._aoti.AOTIModelPackageLoader(str(self.path), "model", False, 1, index)
+        )
+        names = set(runner.get_constant_fqns())
+        tensors = {name: tensor for name, tensor in self.module.state_dict().items() if name in names}
+        runner.load_constants(tensors, check_full_update=True, user_managed=True)
+        return runner
+
+    def _load_checked(self, timings: dict[str, float], prefix: str) -> bool:
+        """Load the package and check it against the eager call; False (logged) when either fails."""
+        device = next(self.module.parameters()).device
+        try:
+            before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            self.runner = timed(timings, f"{prefix}_load", self.load_runner)
+            if timed(timings, f"{prefix}_check", self._agrees):
+                if device.type == "cuda":
+                    extra = (torch.cuda.memory_allocated(device) - before) / 2**30
+                    log.info("%s loaded: %.2f GiB of GPU memory beyond the weights", self.name, extra)
+                return True
+            log.warning("%s (%s) disagrees with the eager call", self.name, self.path)
+        except Exception as err:  # a stale or corrupt package is compiled again
+            log.warning("%s (%s) unusable (%s: %s)", self.name, self.path, type(err).__name__, err)
+        self.runner = None
+        return False
+
+    def _agrees(self) -> bool:
+        """Compiled vs eager on random inputs: relative error within MAX_RELATIVE_ERROR."""
+        with torch.inference_mode():
+            for batch in CHECKED_BATCHES:
+                inputs = self.example(batch)
+                error = relative_error(self.runner(*inputs), self.module(*inputs))
+                if error > MAX_RELATIVE_ERROR:
+                    log.warning("%s relative error %.3g at batch %d", self.name, error, batch)
+                    return False
+        return True
+
+    def _compile(self) -> None:
+        """Export at batch 2 (batch dynamic), compile, and write the package atomically."""
+        batch = torch.export.Dim("batch", min=1, max=self.max_batch)
+        dynamic = tuple(None if dim is None else {dim: batch} for dim in self.batch_dims)
+        log.info("compiling %s ahead of time (once; saved to %s)", self.name, self.path)
+        with torch.inference_mode():
+            program = torch.export.export(self.module, self.example(2), dynamic_shapes=dynamic, strict=False)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".pt2")
+        os.close(fd)
+        try:
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=tmp, inductor_configs=dict(INDUCTOR_CONFIGS)
+            )
+            os.replace(tmp, self.path)
+            log.info("%s saved: %s (%.1f MB)", self.name, self.path, self.path.stat().st_size / 1e6)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
