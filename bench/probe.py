@@ -9,7 +9,7 @@ its defaults (results: docs/PERFORMANCE.md, "Probes"). ``--only`` picks probes:
   PyTorch's default SDPA kernel (named in the result), cuDNN attention first, and flash only;
 - ``sdxl_unet_compiled_step_s``: the same step through ``torch.compile`` (inductor, the code
   AOTInductor generates too) with the batch static and dynamic, each called directly and replayed
-  from a CUDA graph (``src.sdxl.cuda_graphs``); plus the SDXL VAE decode compiled;
+  from a CUDA graph; plus the SDXL VAE decode compiled;
 - ``sdxl_vae_decode_s`` / ``wan_vae_decode_s``: the SDXL VAE decode of one 1024x1024 image and
   the Wan VAE decode of 81 frames at 832x480 (fp32), with the default cuDNN convolution
   algorithms, ``torch.backends.cudnn.benchmark``, and (SDXL) channels-last memory format.
@@ -79,12 +79,31 @@ def probe_sdxl_unet(models: Path, runs: int) -> dict[str, Any]:
     return {"default_kernel": choice, **_variants(unet, step, runs, contexts)}
 
 
+def _cuda_graph(
+    call: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]
+) -> Callable[[], torch.Tensor]:
+    """``call(*inputs)`` captured in a CUDA graph (after a run on a side stream); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call(*inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = call(*inputs)
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return output
+
+    return replay
+
+
 def probe_sdxl_unet_compiled(models: Path, runs: int) -> dict[str, Any]:
     """One CFG step compiled with a static and a dynamic batch, direct and from a CUDA graph."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from src.sdxl.compiled_unet import _Exported, example_inputs
-    from src.sdxl.cuda_graphs import GraphedCall
 
     unet = UNet2DConditionModel.from_pretrained(models / "sdxl" / "unet", dtype=torch.float16).to("cuda")
     exported = _Exported(unet)
@@ -100,11 +119,12 @@ def probe_sdxl_unet_compiled(models: Path, runs: int) -> dict[str, Any]:
                     torch._dynamo.mark_dynamic(inputs[index], 0)
             results[f"{name}_compile_s"] = round(timed(lambda: compiled(*inputs))[1], 1)  # noqa: B023
             results[name] = _median_s(lambda: compiled(*inputs), runs)  # noqa: B023
-            graphed = GraphedCall(compiled)
-            graphed.capture(inputs)
+            replay = _cuda_graph(compiled, inputs)
             fresh = example_inputs(unet, (128, 128), 2)
-            error = (graphed(*fresh).float() - compiled(*fresh).float()).abs().max().item()
-            results[f"{name}_cuda_graph"] = _median_s(lambda: graphed(*inputs), runs)  # noqa: B023
+            for buffer, value in zip(inputs, fresh, strict=True):
+                buffer.copy_(value)
+            error = (replay().float() - compiled(*fresh).float()).abs().max().item()
+            results[f"{name}_cuda_graph"] = _median_s(replay, runs)
             results[f"{name}_cuda_graph_max_abs_diff"] = error
             print(f"  {name}: {results}", flush=True)
     torch._dynamo.reset()

@@ -55,12 +55,6 @@ class Settings(BaseSettings):
         "(5-8 minutes, once per GPU type and version), later starts load them in under a second from "
         "COMPILE_CACHE_DIR.",
     )
-    sdxl_cuda_graphs: bool = Field(
-        True,
-        description="With the compiled SDXL UNet on CUDA, replay its one-image steps (batch 1-2) from CUDA "
-        "graphs captured at start-up instead of launching every kernel; keeps one step's working memory "
-        "reserved.",
-    )
     compile_cache_dir: Path | None = Field(
         None,
         description="Where compile artifacts are saved and reloaded (default MODELS_DIR/compile-cache); "

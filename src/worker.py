@@ -134,8 +134,10 @@ def _raw_job_id(job: Any) -> str | None:
 
 def start_worker(settings: Settings) -> Worker:
     """Build storage, load and warm the configured families: everything done once at start."""
+    from src.acceleration import configure_cuda_allocator
     from src.families import load_families
 
+    configure_cuda_allocator()
     storage = build_storage(settings)
     families = load_families(settings)
     return Worker(settings, storage, families, runpod_sender())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,25 @@ def test_gpu_paths_are_off_on_cpu_by_default(tmp_path: Path) -> None:
     assert settings.compile_cache_path == tmp_path / "compile-cache"
     assert _settings(tmp_path, compile="on").compile == "on"
     assert acceleration.attention_backend(_settings(tmp_path, attention_backend="native"), "cuda") is None
+
+
+@pytest.mark.parametrize(
+    "preset", [None, ("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync"), ("PYTORCH_ALLOC_CONF", "")]
+)
+def test_cuda_allocator_uses_expandable_segments_unless_configured(
+    monkeypatch: pytest.MonkeyPatch, preset: tuple[str, str] | None
+) -> None:
+    for name in acceleration.ALLOCATOR_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    if preset:
+        monkeypatch.setenv(*preset)
+    acceleration.configure_cuda_allocator()
+    if preset:  # the operator's choice stands, and nothing else is added
+        assert {name: os.environ.get(name) for name in acceleration.ALLOCATOR_VARIABLES} == {
+            name: preset[1] if name == preset[0] else None for name in acceleration.ALLOCATOR_VARIABLES
+        }
+    else:
+        assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
 
 
 class _Counter:

@@ -45,8 +45,7 @@ def test_compiled_size_runs_the_package_and_matches_eager(
     compiled = CompiledUnet(eager_unet, LATENT, package_dir)
     timings = compiled.prepare()
     assert "aot_compile" not in timings  # the next worker loads the package: no compile
-    assert compiled.call is compiled.runner and "cuda_graphs" not in timings  # CUDA graphs: on CUDA only
-    compiled.call = spy = CallSpy(compiled.call)
+    compiled.package.runner = spy = CallSpy(compiled.runner)
     got = pipe_images(sdxl_pipe, COMPILED_SIZE)
     assert spy.batches == [4, 4, 4]  # 3 steps x (2 images + 2 unconditional rows), one call each
     assert np.abs(got - expected).max() <= 2  # float rounding of the compiled kernels, nothing more
@@ -63,7 +62,7 @@ def test_package_holds_only_the_unets_own_tensors(sdxl_pipe: Any, package_dir: P
 def test_other_sizes_and_arguments_run_eagerly(sdxl_pipe: Any, package_dir: Path, eager_unet: Any) -> None:
     compiled = CompiledUnet(eager_unet, LATENT, package_dir)
     compiled.prepare()
-    compiled.call = spy = CallSpy(compiled.call)
+    compiled.package.runner = spy = CallSpy(compiled.runner)
     pipe_images(sdxl_pipe, (COMPILED_SIZE[0] // 2, COMPILED_SIZE[1]))  # another size
     pipe_images(sdxl_pipe, COMPILED_SIZE, cross_attention_kwargs={})  # an argument the graph does not take
     assert spy.batches == []
@@ -102,7 +101,7 @@ def test_worker_serves_1024_jobs_from_the_package(s3: Any, s3_endpoint: str, pac
     try:
         worker = start_worker(settings)
         (family,) = worker.families
-        family.compiled_unet.call = spy = CallSpy(family.compiled_unet.call)
+        family.compiled_unet.package.runner = spy = CallSpy(family.compiled_unet.runner)
         package = family.compiled_vae.package
         package.runner = decodes = CallSpy(package.runner)
         for job_id, config in (("aot-1024", {"num_images": 2}), ("aot-512", {"width": 512, "height": 512})):
@@ -125,7 +124,7 @@ def test_failure_inside_the_compiled_graph_on_gpu_is_a_gpu_fault(
     def broken(*inputs: torch.Tensor) -> torch.Tensor:  # what AOTInductor raises for any CUDA error
         raise RuntimeError("run_func_( container_handle_, ...) API call failed at model_container_runner.cpp")
 
-    compiled.call = broken
+    compiled.package.runner = broken
     compiled.on_gpu = True
     with pytest.raises(RuntimeError) as on_gpu:
         pipe_images(sdxl_pipe, COMPILED_SIZE)

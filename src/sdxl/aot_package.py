@@ -112,7 +112,7 @@ class AotPackage:
             log.warning("%s not compiled (%s: %s): serving eagerly", self.name, type(err).__name__, err)
         return False
 
-    def load_runner(self) -> Any:
+    def _load_runner(self) -> Any:
         """A new runner of the package on the module's own tensors.
 
         The loader is built directly: ``aoti_load_package`` would first dry-compile CPU feature
@@ -135,7 +135,7 @@ class AotPackage:
         device = next(self.module.parameters()).device
         try:
             before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-            self.runner = timed(timings, f"{prefix}_load", self.load_runner)
+            self.runner = timed(timings, f"{prefix}_load", self._load_runner)
             if timed(timings, f"{prefix}_check", self._agrees):
                 if device.type == "cuda":
                     extra = (torch.cuda.memory_allocated(device) - before) / 2**30

@@ -3,7 +3,6 @@
 - One package (``src/sdxl/aot_package.py``) at one latent size (1024x1024 images), its batch
   dimension dynamic (1-16 rows: ``num_images`` 1-8, with or without CFG), without weights.
 - Calls it was not compiled for (other sizes, ControlNet residuals, ...) run the eager UNet.
-- On CUDA, one-image calls replay CUDA graphs of the package (``src/sdxl/cuda_graphs.py``).
 """
 
 from __future__ import annotations
@@ -18,15 +17,12 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from src.sdxl.aot_package import INDUCTOR_CONFIGS, AotPackage, relative_error, run_on_device, timed
-from src.sdxl.cuda_graphs import GraphedCall
+from src.sdxl.aot_package import INDUCTOR_CONFIGS, AotPackage, run_on_device
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 16  # 8 images x 2 CFG rows
 TEXT_TOKENS = 77  # CLIP's context length: SDXL prompt embeddings always have 77 rows
-GRAPHED_BATCHES = (1, 2)  # one image, without and with CFG: CUDA graphs on GPU
-GRAPH_MAX_RELATIVE_ERROR = 1e-3  # a replay runs the package's own kernels: equal to a direct run
 FORMAT = 1  # bump when the exported signature changes
 # Keyword arguments the pipelines pass that the compiled graph covers when they are None.
 _NONE_KWARGS = (
@@ -89,7 +85,6 @@ class CompiledUnet:
         unet: UNet2DConditionModel,
         latent_size: tuple[int, int],
         cache_dir: Path,
-        cuda_graphs: bool = True,
     ) -> None:
         self.unet = unet
         self.latent_size = latent_size
@@ -97,7 +92,6 @@ class CompiledUnet:
         self.eager_forward: Callable[..., Any] = self.exported.eager
         device = unet.device
         self.on_gpu = device.type == "cuda"
-        self.cuda_graphs = cuda_graphs and self.on_gpu
         identity = {
             "format": FORMAT,
             "torch": torch.__version__,
@@ -119,7 +113,6 @@ class CompiledUnet:
             cache_dir,
         )
         self.path = self.package.path
-        self.call: Callable[..., torch.Tensor] | None = None  # the package's runner, or CUDA graphs of it
 
     @property
     def runner(self) -> Any:
@@ -132,39 +125,9 @@ class CompiledUnet:
         """
         timings: dict[str, float] = {}
         if self.package.prepare(timings, "aot"):
-            self.call = (
-                timed(timings, "cuda_graphs", self._capture_graphs) if self.cuda_graphs else self.runner
-            )
             self.unet.forward = self.forward
             log.info("SDXL UNet: compiled for %s latents, batch 1-%d", self.latent_size, MAX_BATCH)
         return timings
-
-    def _capture_graphs(self) -> Callable[..., torch.Tensor]:
-        """CUDA graphs of the package at GRAPHED_BATCHES, checked against it; the package if that fails.
-
-        Each graph captures a runner of its own: a runner records a completion event in every
-        run and queries it in the next, and an event recorded during a capture cannot be queried
-        afterwards (measured: "invalid argument", and the runner failed every later call).
-        """
-        try:
-            reserved = torch.cuda.memory_reserved(self.unet.device)
-            graphed = GraphedCall(self.runner)
-            for batch in GRAPHED_BATCHES:
-                graphed.capture(
-                    example_inputs(self.unet, self.latent_size, batch), self.package.load_runner()
-                )
-            with torch.inference_mode():
-                for batch in GRAPHED_BATCHES:
-                    inputs = example_inputs(self.unet, self.latent_size, batch)
-                    if relative_error(graphed(*inputs), self.runner(*inputs)) > GRAPH_MAX_RELATIVE_ERROR:
-                        log.warning("CUDA graphs of the compiled UNet disagree at batch %d: not used", batch)
-                        return self.runner
-            extra = (torch.cuda.memory_reserved(self.unet.device) - reserved) / 2**30
-            log.info("compiled UNet: CUDA graphs for batches %s (%.2f GiB reserved)", GRAPHED_BATCHES, extra)
-            return graphed
-        except Exception as err:  # graphs are an optimisation: the package serves without them
-            log.warning("CUDA graphs of the compiled UNet failed (%s: %s): not used", type(err).__name__, err)
-            return self.runner
 
     def covers(self, sample: torch.Tensor, timestep: Any, kwargs: dict[str, Any]) -> bool:
         """True when the compiled graph computes this call exactly like the eager UNet."""
@@ -197,5 +160,5 @@ class CompiledUnet:
             added["text_embeds"],
             added["time_ids"],
         )
-        out = run_on_device(self.call, inputs, self.on_gpu, "SDXL UNet")
+        out = run_on_device(self.runner, inputs, self.on_gpu, "SDXL UNet")
         return UNet2DConditionOutput(sample=out) if kwargs.get("return_dict", True) else (out,)

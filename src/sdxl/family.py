@@ -72,7 +72,7 @@ class SdxlFamily:
         scale = text2img.vae_scale_factor
         latent_size = (COMPILED_SIZE[1] // scale, COMPILED_SIZE[0] // scale)
         cache = settings.compile_cache_path
-        compiled_unet = CompiledUnet(text2img.unet, latent_size, cache, cuda_graphs=settings.sdxl_cuda_graphs)
+        compiled_unet = CompiledUnet(text2img.unet, latent_size, cache)
         compiled_vae = CompiledVaeDecode(text2img.vae, latent_size, cache)
         return cls(text2img, img2img, limits, compiled_unet, compiled_vae)
 
