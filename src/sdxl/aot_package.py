@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ INDUCTOR_CONFIGS: dict[str, Any] = {
 Inputs = tuple[torch.Tensor, ...]
 
 
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     """``|got - expected| / |expected|`` in float32; infinite when not finite."""
     expected = expected.float()
     error = ((got.float() - expected).norm() / expected.norm().clamp_min(1e-12)).item()
@@ -60,12 +61,34 @@ def run_on_device(call: Callable[..., torch.Tensor], inputs: Inputs, on_gpu: boo
         raise RuntimeError(f"CUDA error in the compiled {name}: {err}") from err
 
 
-def timed(timings: dict[str, float], name: str, step: Callable[[], Any]) -> Any:
+def _timed(timings: dict[str, float], name: str, step: Callable[[], Any]) -> Any:
     """Run ``step``, adding its seconds to ``timings[name]``."""
     started = time.perf_counter()
     result = step()
     timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - started, 2)
     return result
+
+
+def package_identity(
+    fmt: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    latent_size: tuple[int, int],
+    max_batch: int,
+    config: Any,
+) -> dict[str, Any]:
+    """What a package is specific to: versions, GPU, dtype, shapes, the model's configuration."""
+    return {
+        "format": fmt,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype),
+        "latent_size": list(latent_size),
+        "max_batch": max_batch,
+        "config": {k: v for k, v in config.items() if not k.startswith("_")},
+        "inductor": INDUCTOR_CONFIGS,
+    }
 
 
 class AotPackage:
@@ -104,7 +127,7 @@ class AotPackage:
         try:
             if self.path.is_file() and self._load_checked(timings, prefix):
                 return True
-            timed(timings, f"{prefix}_compile", self._compile)
+            _timed(timings, f"{prefix}_compile", self._compile)
             if self._load_checked(timings, prefix):
                 return True
             log.warning("the freshly compiled %s is unusable: serving eagerly", self.name)
@@ -135,8 +158,8 @@ class AotPackage:
         device = next(self.module.parameters()).device
         try:
             before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-            self.runner = timed(timings, f"{prefix}_load", self._load_runner)
-            if timed(timings, f"{prefix}_check", self._agrees):
+            self.runner = _timed(timings, f"{prefix}_load", self._load_runner)
+            if _timed(timings, f"{prefix}_check", self._agrees):
                 if device.type == "cuda":
                     extra = (torch.cuda.memory_allocated(device) - before) / 2**30
                     log.info("%s loaded: %.2f GiB of GPU memory beyond the weights", self.name, extra)
@@ -152,7 +175,7 @@ class AotPackage:
         with torch.inference_mode():
             for batch in CHECKED_BATCHES:
                 inputs = self.example(batch)
-                error = relative_error(self.runner(*inputs), self.module(*inputs))
+                error = _relative_error(self.runner(*inputs), self.module(*inputs))
                 if error > MAX_RELATIVE_ERROR:
                     log.warning("%s relative error %.3g at batch %d", self.name, error, batch)
                     return False

@@ -12,12 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from src.sdxl.aot_package import INDUCTOR_CONFIGS, AotPackage, run_on_device
+from src.sdxl.aot_package import AotPackage, package_identity, run_on_device
 
 log = logging.getLogger(__name__)
 
@@ -80,29 +79,14 @@ def example_inputs(
 class CompiledUnet:
     """The UNet's AOTInductor package at one latent size, and the routing to it."""
 
-    def __init__(
-        self,
-        unet: UNet2DConditionModel,
-        latent_size: tuple[int, int],
-        cache_dir: Path,
-    ) -> None:
+    def __init__(self, unet: UNet2DConditionModel, latent_size: tuple[int, int], cache_dir: Path) -> None:
         self.unet = unet
         self.latent_size = latent_size
         self.exported = _Exported(unet)  # the call that is compiled, checked against, and named by constants
         self.eager_forward: Callable[..., Any] = self.exported.eager
         device = unet.device
         self.on_gpu = device.type == "cuda"
-        identity = {
-            "format": FORMAT,
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "dtype": str(unet.dtype),
-            "latent_size": list(latent_size),
-            "max_batch": MAX_BATCH,
-            "config": {k: v for k, v in unet.config.items() if not k.startswith("_")},
-            "inductor": INDUCTOR_CONFIGS,
-        }
+        identity = package_identity(FORMAT, device, unet.dtype, latent_size, MAX_BATCH, unet.config)
         self.package = AotPackage(
             "sdxl-unet",
             self.exported,

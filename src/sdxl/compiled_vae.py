@@ -13,12 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DecoderOutput
 
-from src.sdxl.aot_package import INDUCTOR_CONFIGS, AotPackage, run_on_device
+from src.sdxl.aot_package import AotPackage, package_identity, run_on_device
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +47,7 @@ class CompiledVaeDecode:
         device = vae.device
         self.on_gpu = device.type == "cuda"
         channels = vae.config.latent_channels
-        identity = {
-            "format": FORMAT,
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "gpu": torch.cuda.get_device_name(device) if self.on_gpu else "cpu",
-            "dtype": str(vae.dtype),
-            "latent_size": list(latent_size),
-            "max_batch": MAX_IMAGES,
-            "config": {k: v for k, v in vae.config.items() if not k.startswith("_")},
-            "inductor": INDUCTOR_CONFIGS,
-        }
+        identity = package_identity(FORMAT, device, vae.dtype, latent_size, MAX_IMAGES, vae.config)
         self.package = AotPackage(
             "sdxl-vae-decode",
             _Decode(vae),
