@@ -1,6 +1,6 @@
 """The compile cache across worker starts (CPU, tiny models, real inductor): a second worker
 with an empty inductor directory takes every Wan graph from the saved cache and loads the SDXL
-package instead of compiling it."""
+UNet and VAE packages instead of compiling them."""
 
 from __future__ import annotations
 
@@ -52,11 +52,14 @@ def test_second_worker_reuses_every_compiled_graph(tmp_path: Path) -> None:
     first = _start(tmp_path, 1)
     assert first["startup"]["compile_cache"] == "saved"
     assert "warm_up_sdxl_aot_compile_s" in first["startup"]
+    assert "warm_up_sdxl_vae_aot_compile_s" in first["startup"]
     compiled = first["inductor"]["fxgraph_cache_miss"]
     assert compiled >= 3  # T2V blocks, VACE blocks, the VACE control blocks
 
     second = _start(tmp_path, 2)
     assert second["startup"]["compile_cache"] == "loaded"
-    assert "warm_up_sdxl_aot_compile_s" not in second["startup"]  # the package loads
+    assert "warm_up_sdxl_aot_compile_s" not in second["startup"]  # the packages load
+    assert "warm_up_sdxl_vae_aot_compile_s" not in second["startup"]
+    assert "warm_up_sdxl_vae_aot_load_s" in second["startup"]
     assert second["inductor"].get("fxgraph_cache_miss", 0) == 0
     assert second["inductor"]["fxgraph_cache_hit"] == compiled
