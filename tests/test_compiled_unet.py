@@ -125,11 +125,11 @@ def test_failure_inside_the_compiled_graph_on_gpu_is_a_gpu_fault(
         raise RuntimeError("run_func_( container_handle_, ...) API call failed at model_container_runner.cpp")
 
     compiled.package.runner = broken
-    compiled.on_gpu = True
+    compiled.package.on_gpu = True
     with pytest.raises(RuntimeError) as on_gpu:
         pipe_images(sdxl_pipe, COMPILED_SIZE)
     assert is_gpu_fault(on_gpu.value) and "compiled SDXL UNet" in str(on_gpu.value)
-    compiled.on_gpu = False
+    compiled.package.on_gpu = False
     with pytest.raises(RuntimeError, match="API call failed") as on_cpu:
         pipe_images(sdxl_pipe, COMPILED_SIZE)
     assert not is_gpu_fault(on_cpu.value)

@@ -46,21 +46,6 @@ def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return error if math.isfinite(error) else math.inf
 
 
-def run_on_device(call: Callable[..., torch.Tensor], inputs: Inputs, on_gpu: bool, name: str) -> torch.Tensor:
-    """``call(*inputs)``; on the GPU, a failure is reported as the device's.
-
-    The inputs were checked by the caller, so a failure is the device's: AOTInductor reports
-    CUDA errors, out-of-memory too, as a generic "API call failed"; the message says "CUDA
-    error" so that the worker is replaced (``src/faults.py``).
-    """
-    try:
-        return call(*inputs)
-    except RuntimeError as err:
-        if not on_gpu:
-            raise
-        raise RuntimeError(f"CUDA error in the compiled {name}: {err}") from err
-
-
 def _timed(timings: dict[str, float], name: str, step: Callable[[], Any]) -> Any:
     """Run ``step``, adding its seconds to ``timings[name]``."""
     started = time.perf_counter()
@@ -114,6 +99,8 @@ class AotPackage:
         self.example = example
         self.batch_dims = batch_dims
         self.max_batch = max_batch
+        self.device = next(module.parameters()).device
+        self.on_gpu = self.device.type == "cuda"
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.path = cache_dir / f"{name}-{digest}.pt2"
         self.runner: Any = None
@@ -135,6 +122,20 @@ class AotPackage:
             log.warning("%s not compiled (%s: %s): serving eagerly", self.name, type(err).__name__, err)
         return False
 
+    def run(self, inputs: Inputs, label: str) -> torch.Tensor:
+        """The package on ``inputs``; on the GPU, a failure is reported as the device's.
+
+        The inputs were checked by the caller, so a failure is the device's: AOTInductor reports
+        CUDA errors, out-of-memory too, as a generic "API call failed"; the message says "CUDA
+        error" so that the worker is replaced (``src/faults.py``).
+        """
+        try:
+            return self.runner(*inputs)
+        except RuntimeError as err:
+            if not self.on_gpu:
+                raise
+            raise RuntimeError(f"CUDA error in the compiled {label}: {err}") from err
+
     def _load_runner(self) -> Any:
         """A new runner of the package on the module's own tensors.
 
@@ -143,8 +144,7 @@ class AotPackage:
         """
         from torch.export.pt2_archive._package import AOTICompiledModel
 
-        device = next(self.module.parameters()).device
-        index = (device.index or 0) if device.type == "cuda" else -1
+        index = (self.device.index or 0) if self.on_gpu else -1
         runner = AOTICompiledModel(
             torch._C._aoti.AOTIModelPackageLoader(str(self.path), "model", False, 1, index)
         )
@@ -155,13 +155,12 @@ class AotPackage:
 
     def _load_checked(self, timings: dict[str, float], prefix: str) -> bool:
         """Load the package and check it against the eager call; False (logged) when either fails."""
-        device = next(self.module.parameters()).device
         try:
-            before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            before = torch.cuda.memory_allocated(self.device) if self.on_gpu else 0
             self.runner = _timed(timings, f"{prefix}_load", self._load_runner)
             if _timed(timings, f"{prefix}_check", self._agrees):
-                if device.type == "cuda":
-                    extra = (torch.cuda.memory_allocated(device) - before) / 2**30
+                if self.on_gpu:
+                    extra = (torch.cuda.memory_allocated(self.device) - before) / 2**30
                     log.info("%s loaded: %.2f GiB of GPU memory beyond the weights", self.name, extra)
                 return True
             log.warning("%s (%s) disagrees with the eager call", self.name, self.path)

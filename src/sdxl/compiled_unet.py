@@ -16,7 +16,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from src.sdxl.aot_package import AotPackage, package_identity, run_on_device
+from src.sdxl.aot_package import AotPackage, package_identity
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,7 @@ class CompiledUnet:
         self.latent_size = latent_size
         self.exported = _Exported(unet)  # the call that is compiled, checked against, and named by constants
         self.eager_forward: Callable[..., Any] = self.exported.eager
-        device = unet.device
-        self.on_gpu = device.type == "cuda"
-        identity = package_identity(FORMAT, device, unet.dtype, latent_size, MAX_BATCH, unet.config)
+        identity = package_identity(FORMAT, unet.device, unet.dtype, latent_size, MAX_BATCH, unet.config)
         self.package = AotPackage(
             "sdxl-unet",
             self.exported,
@@ -144,5 +142,5 @@ class CompiledUnet:
             added["text_embeds"],
             added["time_ids"],
         )
-        out = run_on_device(self.runner, inputs, self.on_gpu, "SDXL UNet")
+        out = self.package.run(inputs, "SDXL UNet")
         return UNet2DConditionOutput(sample=out) if kwargs.get("return_dict", True) else (out,)

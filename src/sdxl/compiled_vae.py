@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DecoderOutput
 
-from src.sdxl.aot_package import AotPackage, package_identity, run_on_device
+from src.sdxl.aot_package import AotPackage, package_identity
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ class CompiledVaeDecode:
         self.latent_size = latent_size
         self.eager: Callable[..., Any] = type(vae).decode.__get__(vae)
         device = vae.device
-        self.on_gpu = device.type == "cuda"
         channels = vae.config.latent_channels
         identity = package_identity(FORMAT, device, vae.dtype, latent_size, MAX_IMAGES, vae.config)
         self.package = AotPackage(
@@ -84,5 +83,5 @@ class CompiledVaeDecode:
         """The VAE's decode: the package where it applies, the eager decode elsewhere."""
         if not self.covers(z):
             return self.eager(z, return_dict=return_dict, generator=generator)
-        images = run_on_device(self.package.runner, (z,), self.on_gpu, "SDXL VAE decode")
+        images = self.package.run((z,), "SDXL VAE decode")
         return DecoderOutput(sample=images) if return_dict else (images,)
