@@ -115,7 +115,7 @@ def wan_worker(s3: Any, s3_endpoint: str) -> Worker:
 @pytest.fixture(scope="session")
 def fast_aot_build() -> Iterator[None]:
     """A quicker C++ build of AOTInductor wrappers for the CPU tests (same graph, same kernels)."""
-    from src.sdxl import aot_package
+    from src import aot_package
 
     patch = pytest.MonkeyPatch()
     patch.setitem(aot_package.INDUCTOR_CONFIGS, "aot_inductor.compile_wrapper_opt_level", "O0")

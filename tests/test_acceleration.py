@@ -1,4 +1,4 @@
-"""GPU speed paths, checked on CPU: settings, no compile on a job, the compile cache, exact frames."""
+"""GPU speed paths, checked on CPU: settings, the allocator, the attention kernel, exact frames."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import ModelMixin
 
 from src import acceleration
 from src.settings import Settings
@@ -50,100 +49,17 @@ def test_cuda_allocator_uses_expandable_segments_unless_configured(
         assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
 
 
-class _Counter:
-    """A torch.compile backend that counts compilations and compiled calls."""
-
-    def __init__(self) -> None:
-        self.compiles = 0
-        self.calls = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-        self.compiles += 1
-
-        def run(*args: Any) -> Any:
-            self.calls += 1
-            return gm.forward(*args)
-
-        return run
-
-
-class _Block(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = torch.nn.Linear(8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x).relu()
-
-
-class _Blocks(ModelMixin):
-    """A model with repeated blocks, as the Wan transformers declare them."""
-
-    _repeated_blocks = ("_Block",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = torch.nn.ModuleList([_Block(), _Block()])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-
-@pytest.fixture
-def counter(monkeypatch: pytest.MonkeyPatch) -> _Counter:
-    backend = _Counter()
-    monkeypatch.setattr(acceleration, "BACKEND", backend)
-    torch._dynamo.reset()
-    yield backend
-    torch.compiler.set_stance("default")
-    torch._dynamo.reset()
-
-
-def test_unwarmed_shape_runs_eagerly_without_compiling(counter: _Counter) -> None:
-    model = _Blocks()
-    acceleration.compile_repeated_blocks(model)
-    with torch.inference_mode():
-        model(torch.randn(2, 4, 8))  # warm-up: the blocks compile
-        compiles = counter.compiles
-        assert compiles >= 1
-        acceleration.serve_without_compiling()
-        calls = counter.calls
-        model(torch.randn(2, 4, 8))  # the warmed shape: compiled code, both blocks
-        assert counter.calls == calls + 2
-        x = torch.randn(3, 5, 8)
-        out = model(x)  # a shape never warmed: eager, no compile
-        torch.testing.assert_close(out, model.blocks[1].linear(model.blocks[0].linear(x).relu()).relu())
-    assert counter.compiles == compiles
-    assert counter.calls == calls + 2
-
-
-def test_compile_cache_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    loaded: list[bytes] = []
-    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"artifacts", None))
-    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", loaded.append)
-    cache = acceleration.CompileCache(tmp_path / "cache", {"torch": "x", "families": ["sdxl"]})
-    assert not cache.load() and not cache.loaded
-    assert cache.save()
-    assert cache.path.read_bytes() == b"artifacts"
-    assert not list(cache.directory.glob(".*"))  # written atomically, no temporary left
-    again = acceleration.CompileCache(tmp_path / "cache", {"torch": "x", "families": ["sdxl"]})
-    assert again.path == cache.path and again.load() and loaded == [b"artifacts"]
-    other = acceleration.CompileCache(tmp_path / "cache", {"torch": "y", "families": ["sdxl"]})
-    assert other.path != cache.path and not other.load()
-
-
-def test_bad_compile_cache_never_stops_the_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(data: bytes) -> None:
-        raise RuntimeError("corrupt")
-
-    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", refuse)
-    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: None)
-    cache = acceleration.CompileCache(tmp_path, {"a": 1})
-    cache.path.write_bytes(b"junk")
-    assert not cache.load()
-    assert not cache.save()  # nothing compiled: nothing written, no error
+@pytest.mark.parametrize(
+    ("backend", "kernel"),
+    [("_native_cudnn", "cudnn_sdp_enabled"), ("_native_flash", "flash_sdp_enabled"), (None, None)],
+)
+def test_compiled_attention_uses_the_configured_kernel(backend: str | None, kernel: str | None) -> None:
+    kernels = ("cudnn_sdp_enabled", "flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled")
+    before = {name: getattr(torch.backends.cuda, name)() for name in kernels}
+    with acceleration.sdpa_backends(backend):
+        inside = {name: getattr(torch.backends.cuda, name)() for name in kernels}
+    assert inside == (before if kernel is None else {name: name == kernel for name in kernels})
+    assert {name: getattr(torch.backends.cuda, name)() for name in kernels} == before
 
 
 def test_frames_converted_on_device_match_the_numpy_path() -> None:

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from src import aot_package
+from src.aot_package import AotPackage
 from src.faults import is_gpu_fault
-from src.sdxl import aot_package
-from src.sdxl.aot_package import AotPackage
 from src.sdxl.compiled_unet import CompiledUnet
 from src.sdxl.family import COMPILED_SIZE
 from src.worker import start_worker

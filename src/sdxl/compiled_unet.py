@@ -1,6 +1,6 @@
 """The SDXL UNet compiled ahead of time (AOTInductor): compiled once, loaded in seconds.
 
-- One package (``src/sdxl/aot_package.py``) at one latent size (1024x1024 images), its batch
+- One package (``src/aot_package.py``) at one latent size (1024x1024 images), its batch
   dimension dynamic (1-16 rows: ``num_images`` 1-8, with or without CFG), without weights.
 - Calls it was not compiled for (other sizes, ControlNet residuals, ...) run the eager UNet.
 """
@@ -16,7 +16,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from src.sdxl.aot_package import AotPackage, package_identity
+from src.aot_package import AotPackage, DynamicDim, package_identity
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,19 @@ class _Exported(torch.nn.Module):
         )[0]
 
 
+def sdxl_identity(fmt: int, model: Any, latent_size: tuple[int, int], max_batch: int) -> dict[str, Any]:
+    """The identity of an SDXL model's package (the UNet's or the VAE's) at one latent size."""
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    return package_identity(
+        fmt,
+        model.device,
+        dtype=str(model.dtype),
+        latent_size=list(latent_size),
+        max_batch=max_batch,
+        config=config,
+    )
+
+
 def example_inputs(
     unet: UNet2DConditionModel, latent_size: tuple[int, int], batch: int
 ) -> tuple[torch.Tensor, ...]:
@@ -84,15 +97,15 @@ class CompiledUnet:
         self.latent_size = latent_size
         self.exported = _Exported(unet)  # the call that is compiled, checked against, and named by constants
         self.eager_forward: Callable[..., Any] = self.exported.eager
-        identity = package_identity(FORMAT, unet.device, unet.dtype, latent_size, MAX_BATCH, unet.config)
         self.package = AotPackage(
             "sdxl-unet",
             self.exported,
             lambda batch: example_inputs(unet, latent_size, batch),
-            (0, None, 0, 0, 0),
-            MAX_BATCH,
-            identity,
+            DynamicDim("batch", 1, MAX_BATCH, checked=(1, 2)),
+            lambda batch: ({0: batch}, None, {0: batch}, {0: batch}, {0: batch}),
+            sdxl_identity(FORMAT, unet, latent_size, MAX_BATCH),
             cache_dir,
+            unet.device,
         )
         self.path = self.package.path
 

@@ -1,6 +1,6 @@
 """The SDXL VAE decode compiled ahead of time (AOTInductor), like the UNet.
 
-One package (``src/sdxl/aot_package.py``) at one latent size (1024x1024 images), batch 1-8
+One package (``src/aot_package.py``) at one latent size (1024x1024 images), batch 1-8
 (``num_images``), without weights. Other sizes, and a VAE with tiling or slicing on, decode
 eagerly. On the H100 the same call through inductor took 39 ms instead of 92 ms eager for one
 1024x1024 image (``bench/probe.py``, docs/PERFORMANCE.md).
@@ -17,7 +17,8 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DecoderOutput
 
-from src.sdxl.aot_package import AotPackage, package_identity
+from src.aot_package import AotPackage, DynamicDim
+from src.sdxl.compiled_unet import sdxl_identity
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,15 @@ class CompiledVaeDecode:
         self.eager: Callable[..., Any] = type(vae).decode.__get__(vae)
         device = vae.device
         channels = vae.config.latent_channels
-        identity = package_identity(FORMAT, device, vae.dtype, latent_size, MAX_IMAGES, vae.config)
         self.package = AotPackage(
             "sdxl-vae-decode",
             _Decode(vae),
             lambda batch: (torch.randn(batch, channels, *latent_size, device=device, dtype=vae.dtype),),
-            (0,),
-            MAX_IMAGES,
-            identity,
+            DynamicDim("batch", 1, MAX_IMAGES, checked=(1, 2)),
+            lambda batch: ({0: batch},),
+            sdxl_identity(FORMAT, vae, latent_size, MAX_IMAGES),
             cache_dir,
+            device,
         )
 
     def prepare(self) -> dict[str, float]:

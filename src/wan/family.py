@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -30,16 +29,27 @@ from src.media.reference import FetchLimits, fetch_reference
 from src.models import model_dirs
 from src.progress import Progress
 from src.settings import Settings
+from src.wan.compiled_blocks import CompiledBlocks
 from src.wan.conditioning import vace_inputs
-from src.wan.plan import DEFAULTS, FPS, WanPlan, plan_wan
+from src.wan.plan import DEFAULTS, FPS, MAX_FRAMES, WanPlan, plan_wan
 
 log = logging.getLogger(__name__)
 
 WARM_UP = {"width": 64, "height": 64, "num_frames": 5, "num_inference_steps": 1}
-# Shapes compiled at start-up when COMPILE is on: (width, height, frames). VACE is warmed with
-# and without a reference image (which adds one latent frame); other shapes run eagerly.
-COMPILED_SHAPES = ((832, 480, 81),)
-TEXT_TOKENS = 512  # WanPipeline's max_sequence_length
+# With COMPILE on, the blocks run compiled at every size; inductor tunes them for this one
+# (width, height, frames): the default video size.
+TUNED_FOR = (832, 480, 81)
+# The most tokens a job may have: the largest area (1280x720) at MAX_FRAMES, plus one latent frame for
+# VACE's reference image.
+MAX_SIZE = (1280, 720, MAX_FRAMES + 4)
+
+
+def video_tokens(pipe: WanPipeline, width: int, height: int, frames: int) -> int:
+    """The transformer's tokens for a video: latent frames x latent height x width, per patch."""
+    p_t, p_h, p_w = pipe.transformer.config.patch_size
+    latent_frames = (frames - 1) // pipe.vae_scale_factor_temporal + 1
+    spatial = pipe.vae_scale_factor_spatial
+    return (latent_frames // p_t) * (height // spatial // p_h) * (width // spatial // p_w)
 
 
 class WanFamily:
@@ -49,12 +59,16 @@ class WanFamily:
     job_types = frozenset(DEFAULTS)
 
     def __init__(
-        self, text2video: WanPipeline, vace: WanVACEPipeline, limits: FetchLimits, compiled: bool = False
+        self,
+        text2video: WanPipeline,
+        vace: WanVACEPipeline,
+        limits: FetchLimits,
+        compiled_blocks: CompiledBlocks | None = None,
     ) -> None:
         self.text2video = text2video
         self.vace = vace
         self.limits = limits
-        self.compiled = compiled
+        self.compiled_blocks = compiled_blocks
 
     @classmethod
     def load(cls, settings: Settings) -> WanFamily:
@@ -80,72 +94,32 @@ class WanFamily:
             if device != "cpu":
                 pipe.to(device)
             pipe.set_progress_bar_config(disable=True)
-        transformers = (text2video.transformer, vace.transformer)
-        acceleration.set_attention_backend(transformers, acceleration.attention_backend(settings, device))
-        compiled = acceleration.compile_enabled(settings, device)
-        if compiled:
-            for transformer in transformers:
-                acceleration.compile_repeated_blocks(transformer)
+        transformers = [text2video.transformer, vace.transformer]
+        attention = acceleration.attention_backend(settings, device)
+        acceleration.set_attention_backend(transformers, attention)
+        compiled_blocks = None
+        if acceleration.compile_enabled(settings, device):
+            tokens = (video_tokens(text2video, *TUNED_FOR), video_tokens(text2video, *MAX_SIZE))
+            compiled_blocks = CompiledBlocks(transformers, settings.compile_cache_path, tokens, attention)
         limits = FetchLimits.from_settings(settings)
-        return cls(text2video, vace, limits, compiled)
+        return cls(text2video, vace, limits, compiled_blocks)
 
     def warm_up(self) -> dict[str, float]:
         """Run both pipelines once, small, so the first job pays no first-call cost.
 
-        With COMPILE on, the transformers' blocks also compile here, at COMPILED_SHAPES
-        (the small pipeline run stays eager so that it compiles nothing). Returns the
-        seconds of each phase.
+        With COMPILE on, the blocks' calls are recorded during that run, and their packages are
+        then loaded (compiled and saved the first time). Returns the seconds of each phase.
         """
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        with torch.compiler.set_stance("force_eager") if self.compiled else nullcontext():
+        with self.compiled_blocks.recording() if self.compiled_blocks else nullcontext():
             self.text2video("warm-up", **WARM_UP)
             gray = Image.new("RGB", (WARM_UP["width"], WARM_UP["height"]), (128, 128, 128))
             self.vace("warm-up", reference_images=[gray], **WARM_UP)
         timings["pipelines"] = round(time.perf_counter() - started, 2)
-        if self.compiled:
-            for width, height, frames in COMPILED_SHAPES:
-                self._warm_transformers(width, height, frames, timings)
+        if self.compiled_blocks:
+            timings.update(self.compiled_blocks.prepare())
         return timings
-
-    def _warm_transformers(self, width: int, height: int, frames: int, timings: dict[str, float]) -> None:
-        """Call each transformer as the pipelines do (bf16 inputs, CFG batch 1) at one shape."""
-        pipe = self.text2video
-        transformer = pipe.transformer
-        device, dtype = transformer.device, transformer.dtype
-        latent_frames = (frames - 1) // pipe.vae_scale_factor_temporal + 1
-        latent_size = (height // pipe.vae_scale_factor_spatial, width // pipe.vae_scale_factor_spatial)
-        text = torch.randn(1, TEXT_TOKENS, transformer.config.text_dim, device=device, dtype=dtype)
-        timestep = torch.tensor([999], device=device)
-        channels = transformer.config.in_channels
-        vace = self.vace.transformer
-        scale = torch.ones(len(vace.config.vace_layers), device=device, dtype=dtype)
-
-        def timed(name: str, call: Callable[[], Any]) -> None:
-            started = time.perf_counter()
-            call()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            timings[name] = round(time.perf_counter() - started, 2)
-
-        with torch.inference_mode():
-            latents = torch.randn(1, channels, latent_frames, *latent_size, device=device, dtype=dtype)
-            timed("t2v", lambda: transformer(latents, timestep, text, return_dict=False))
-            for extra_frames in (0, 1):  # start/end/both modes; single mode (reference frame prepended)
-                shape = (latent_frames + extra_frames, *latent_size)
-                noisy = torch.randn(1, channels, *shape, device=device, dtype=dtype)
-                control = torch.randn(1, vace.config.vace_in_channels, *shape, device=device, dtype=dtype)
-                timed(
-                    f"vace_{latent_frames + extra_frames}_frames",
-                    lambda noisy=noisy, control=control: vace(
-                        hidden_states=noisy,
-                        timestep=timestep,
-                        encoder_hidden_states=text,
-                        control_hidden_states=control,
-                        control_hidden_states_scale=scale,
-                        return_dict=False,
-                    ),
-                )
 
     def plan(self, request: JobRequest) -> WanPlan:
         """Validate the Wan part of the payload."""

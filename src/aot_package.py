@@ -1,10 +1,12 @@
 """One module call compiled ahead of time (AOTInductor) into a package without weights.
 
-- The call is exported with ``torch.export`` at fixed shapes except the batch dimension
-  (1..``max_batch``), and compiled by AOTInductor into a ``.pt2`` package **without weights**,
-  saved under ``COMPILE_CACHE_DIR`` and loaded by the next worker: no tracing, no compile.
-- The package runs on the live module's own tensors (user-managed constants) and derives none
-  from them: no copy, no GPU memory beyond the weights, any checkpoint of the architecture.
+- The call is exported with ``torch.export`` at fixed shapes except one dynamic dimension (the
+  batch of the SDXL UNet, the tokens of a Wan block), and compiled by AOTInductor into a ``.pt2``
+  package **without weights**, saved under ``COMPILE_CACHE_DIR`` and loaded by the next worker:
+  no tracing, no compile.
+- The package runs on the live module's own tensors (user-managed constants, or weights passed
+  as inputs) and derives none from them: no copy, no GPU memory beyond the weights, any
+  checkpoint of the architecture.
 - A loaded package is checked against the eager call on random inputs before it serves; a
   package that disagrees or does not load (a stale or corrupt file) is compiled again.
 """
@@ -19,16 +21,17 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import diffusers
 import torch
+import torch.utils._pytree as pytree
 
 log = logging.getLogger(__name__)
 
 MAX_RELATIVE_ERROR = 2e-2  # compiled vs eager on the same inputs (fp16 rounding is ~1e-3)
-CHECKED_BATCHES = (1, 2)
 # No weights in the package, and no constants derived from them: runtime constant folding would
 # materialise every transposed Linear weight (a 4.3 GiB copy of the UNet on the H100) for no speed.
 INDUCTOR_CONFIGS: dict[str, Any] = {
@@ -36,13 +39,30 @@ INDUCTOR_CONFIGS: dict[str, Any] = {
     "aot_inductor.use_runtime_constant_folding": False,
 }
 
-Inputs = tuple[torch.Tensor, ...]
+Inputs = tuple[Any, ...]  # tensors, or lists of tensors
 
 
-def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    """``|got - expected| / |expected|`` in float32; infinite when not finite."""
-    expected = expected.float()
-    error = ((got.float() - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+@dataclass(frozen=True)
+class DynamicDim:
+    """The one dimension a package takes at any size in ``[low, high]``.
+
+    ``checked``: the sizes a loaded package is checked at against the eager call; the last one
+    is the size exported, which inductor tunes its kernels for.
+    """
+
+    name: str
+    low: int
+    high: int
+    checked: tuple[int, ...]
+
+
+def _relative_error(got: Any, expected: Any) -> float:
+    """The largest ``|got - expected| / |expected|`` (float32) over the outputs; infinite when not finite."""
+    errors = []
+    for out, reference in zip(pytree.tree_leaves(got), pytree.tree_leaves(expected), strict=True):
+        reference = reference.float()
+        errors.append(((out.float() - reference).norm() / reference.norm().clamp_min(1e-12)).item())
+    error = max(errors)
     return error if math.isfinite(error) else math.inf
 
 
@@ -54,34 +74,56 @@ def _timed(timings: dict[str, float], name: str, step: Callable[[], Any]) -> Any
     return result
 
 
-def package_identity(
-    fmt: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    latent_size: tuple[int, int],
-    max_batch: int,
-    config: Any,
-) -> dict[str, Any]:
-    """What a package is specific to: versions, GPU, dtype, shapes, the model's configuration."""
+def package_identity(fmt: int, device: torch.device, **specific: Any) -> dict[str, Any]:
+    """What a package is specific to: versions, GPU, compiler settings, and what the caller adds
+    (dtype, shapes, the model's configuration)."""
     return {
         "format": fmt,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(dtype),
-        "latent_size": list(latent_size),
-        "max_batch": max_batch,
-        "config": {k: v for k, v in config.items() if not k.startswith("_")},
+        **specific,
         "inductor": INDUCTOR_CONFIGS,
     }
 
 
-class AotPackage:
-    """An AOTInductor package of ``module`` (tensors in, one tensor out), the batch dimension dynamic.
+class _Runner:
+    """A loaded package, called like the exported module; its output structure is parsed once.
 
-    ``example(batch)`` gives random inputs of the served shapes; ``batch_dims`` names, per input,
-    its batch dimension (None: not batched). ``identity`` (versions, GPU, configuration) names the
-    file: a package is reused only by the same combination.
+    The loader is built directly: ``aoti_load_package`` would first dry-compile CPU feature
+    probes with the C++ compiler, for a warning only (pytorch/pytorch#191715).
+    """
+
+    def __init__(self, path: Path, device: torch.device) -> None:
+        from torch.export.pt2_archive._package import AOTICompiledModel
+
+        index = (device.index or 0) if device.type == "cuda" else -1
+        self.model = AOTICompiledModel(
+            torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+        )
+        self.out_spec = pytree.treespec_loads(self.model.loader.get_call_spec()[1])
+
+    def __call__(self, *inputs: Any) -> Any:
+        # The compiled code reads every input in the example's layout (contiguous): a transposed
+        # view (the Wan patch embedding's output, passed to the first block) is copied first.
+        flat = [tensor.contiguous() for tensor in pytree.tree_leaves(inputs)]
+        return pytree.tree_unflatten(self.model.loader.boxed_run(flat), self.out_spec)
+
+    def get_constant_fqns(self) -> list[str]:
+        return self.model.get_constant_fqns()
+
+    def load_constants(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Run on these tensors (every constant the package names), without copying them."""
+        self.model.load_constants(tensors, check_full_update=True, user_managed=True)
+
+
+class AotPackage:
+    """An AOTInductor package of ``module`` (tensors in, tensors out), one dimension dynamic.
+
+    ``example(size)`` gives random inputs of the served shapes, ``dim`` at ``size``;
+    ``dynamic_shapes(dim)`` marks where ``dim`` is in them (``torch.export``'s ``dynamic_shapes``).
+    ``identity`` (versions, GPU, configuration) names the file: a package is reused only by the
+    same combination.
     """
 
     def __init__(
@@ -89,18 +131,19 @@ class AotPackage:
         name: str,
         module: torch.nn.Module,
         example: Callable[[int], Inputs],
-        batch_dims: tuple[int | None, ...],
-        max_batch: int,
+        dim: DynamicDim,
+        dynamic_shapes: Callable[[torch.export.Dim], Any],
         identity: dict[str, Any],
         cache_dir: Path,
+        device: torch.device,
     ) -> None:
         self.name = name
         self.module = module
         self.example = example
-        self.batch_dims = batch_dims
-        self.max_batch = max_batch
-        self.device = next(module.parameters()).device
-        self.on_gpu = self.device.type == "cuda"
+        self.dim = dim
+        self.dynamic_shapes = dynamic_shapes
+        self.device = device
+        self.on_gpu = device.type == "cuda"
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.path = cache_dir / f"{name}-{digest}.pt2"
         self.runner: Any = None
@@ -136,21 +179,11 @@ class AotPackage:
                 raise
             raise RuntimeError(f"CUDA error in the compiled {label}: {err}") from err
 
-    def _load_runner(self) -> Any:
-        """A new runner of the package on the module's own tensors.
-
-        The loader is built directly: ``aoti_load_package`` would first dry-compile CPU feature
-        probes with the C++ compiler, for a warning only (pytorch/pytorch#191715).
-        """
-        from torch.export.pt2_archive._package import AOTICompiledModel
-
-        index = (self.device.index or 0) if self.on_gpu else -1
-        runner = AOTICompiledModel(
-            torch._C._aoti.AOTIModelPackageLoader(str(self.path), "model", False, 1, index)
-        )
+    def _load_runner(self) -> _Runner:
+        """A new runner of the package on the module's own tensors."""
+        runner = _Runner(self.path, self.device)
         names = set(runner.get_constant_fqns())
-        tensors = {name: tensor for name, tensor in self.module.state_dict().items() if name in names}
-        runner.load_constants(tensors, check_full_update=True, user_managed=True)
+        runner.load_constants({name: t for name, t in self.module.state_dict().items() if name in names})
         return runner
 
     def _load_checked(self, timings: dict[str, float], prefix: str) -> bool:
@@ -172,21 +205,27 @@ class AotPackage:
     def _agrees(self) -> bool:
         """Compiled vs eager on random inputs: relative error within MAX_RELATIVE_ERROR."""
         with torch.inference_mode():
-            for batch in CHECKED_BATCHES:
-                inputs = self.example(batch)
+            for size in self.dim.checked:
+                inputs = self.example(size)
                 error = _relative_error(self.runner(*inputs), self.module(*inputs))
+                level = logging.WARNING if error > MAX_RELATIVE_ERROR else logging.INFO
+                where = f"{self.dim.name} {size}"
+                log.log(level, "%s vs eager: relative error %.3g at %s", self.name, error, where)
                 if error > MAX_RELATIVE_ERROR:
-                    log.warning("%s relative error %.3g at batch %d", self.name, error, batch)
                     return False
         return True
 
     def _compile(self) -> None:
-        """Export at batch 2 (batch dynamic), compile, and write the package atomically."""
-        batch = torch.export.Dim("batch", min=1, max=self.max_batch)
-        dynamic = tuple(None if dim is None else {dim: batch} for dim in self.batch_dims)
+        """Export at the last checked size (``dim`` dynamic), compile, and write the package atomically."""
+        dim = torch.export.Dim(self.dim.name, min=self.dim.low, max=self.dim.high)
         log.info("compiling %s ahead of time (once; saved to %s)", self.name, self.path)
         with torch.inference_mode():
-            program = torch.export.export(self.module, self.example(2), dynamic_shapes=dynamic, strict=False)
+            program = torch.export.export(
+                self.module,
+                self.example(self.dim.checked[-1]),
+                dynamic_shapes=self.dynamic_shapes(dim),
+                strict=False,
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".pt2")
         os.close(fd)

@@ -1,0 +1,143 @@
+"""The AOT-compiled Wan blocks on CPU (tiny models, real AOTInductor): three packages serve every
+block of both transformers, at every video size, with the eager blocks' results."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from src.wan import family as wan
+from src.wan.compiled_blocks import CompiledBlocks
+from tests.conftest import tiny_settings
+
+STEPS = 2
+
+
+class TokenSpy:
+    """Wraps a block package's runner and records the tokens of every call it serves."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.tokens: list[int] = []
+
+    def __call__(self, inputs: list[torch.Tensor], weights: list[torch.Tensor]) -> Any:
+        self.tokens.append(inputs[0].shape[1])
+        return self.runner(inputs, weights)
+
+
+def _settings(tmp_path: Path, compile: str) -> Any:
+    return tiny_settings("http://unused", ["wan"], compile=compile, compile_cache_dir=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory: pytest.TempPathFactory, fast_aot_build: None) -> Iterator[tuple[Any, Any]]:
+    """The tiny Wan family compiled (packages built once, at a small tuned size) and an eager twin."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(wan, "TUNED_FOR", (64, 64, 9))
+    directory = tmp_path_factory.mktemp("wan-blocks")
+    compiled = wan.WanFamily.load(_settings(directory, "on"))
+    timings = compiled.warm_up()
+    assert "blocks_aot_compile" in timings and "blocks_aot_check" in timings
+    yield compiled, wan.WanFamily.load(_settings(directory, "off"))
+    patch.undo()
+
+
+@pytest.fixture
+def spies(families: tuple[Any, Any]) -> Iterator[list[TokenSpy]]:
+    """Every kind's runner spied on, restored afterwards."""
+    kinds = families[0].compiled_blocks.kinds
+    originals = [kind.package.runner for kind in kinds]
+    spied = []
+    for kind in kinds:
+        kind.package.runner = TokenSpy(kind.package.runner)
+        spied.append(kind.package.runner)
+    yield spied
+    for kind, runner in zip(kinds, originals, strict=True):
+        kind.package.runner = runner
+
+
+def _video(pipe: Any, width: int, height: int, frames: int, **kwargs: Any) -> np.ndarray:
+    with torch.inference_mode():
+        return pipe(
+            "a red boat",
+            width=width,
+            height=height,
+            num_frames=frames,
+            num_inference_steps=STEPS,
+            generator=torch.Generator().manual_seed(3),
+            output_type="np",
+            **kwargs,
+        ).frames[0]
+
+
+def test_blocks_are_grouped_into_three_kinds(families: tuple[Any, Any]) -> None:
+    compiled = families[0]
+    kinds = {(kind.name, len(kind.blocks)) for kind in compiled.compiled_blocks.kinds}
+    main = len(compiled.text2video.transformer.blocks) + len(compiled.vace.transformer.blocks)
+    controls = len(compiled.vace.transformer.vace_blocks)
+    # T2V's blocks and VACE's main blocks share one package; VACE's first control block (it has an
+    # input projection) has its own.
+    assert kinds == {
+        ("WanTransformerBlock", main),
+        ("WanVACETransformerBlock", 1),
+        ("WanVACETransformerBlock", controls - 1),
+    }
+    assert all(kind.package.runner.get_constant_fqns() == [] for kind in compiled.compiled_blocks.kinds)
+
+
+@pytest.mark.parametrize(("width", "height", "frames"), [(64, 64, 9), (96, 48, 5)])
+def test_every_size_runs_through_the_package_like_eager(
+    families: tuple[Any, Any], spies: list[TokenSpy], width: int, height: int, frames: int
+) -> None:
+    compiled, eager = families
+    got = _video(compiled.text2video, width, height, frames)
+    blocks = len(compiled.text2video.transformer.blocks)
+    tokens = wan.video_tokens(compiled.text2video, width, height, frames)
+    assert spies[0].tokens == [tokens] * (STEPS * 2 * blocks)  # every block, both CFG passes, each step
+    np.testing.assert_allclose(got, _video(eager.text2video, width, height, frames), atol=1e-4)
+
+
+def test_reference_video_runs_every_block_through_the_packages(
+    families: tuple[Any, Any], spies: list[TokenSpy]
+) -> None:
+    compiled, eager = families
+    gray = Image.new("RGB", (64, 64), (90, 140, 200))
+    got = _video(compiled.vace, 64, 64, 9, reference_images=[gray])
+    tokens = wan.video_tokens(compiled.text2video, 64, 64, 9 + 4)  # the reference adds a latent frame
+    transformer = compiled.vace.transformer
+    calls = {len(transformer.blocks), 1, len(transformer.vace_blocks) - 1}
+    assert {len(spy.tokens) // (STEPS * 2) for spy in spies[1:]} | {
+        len(spies[0].tokens) // (STEPS * 2)
+    } == calls
+    assert {token for spy in spies for token in spy.tokens} == {tokens}
+    np.testing.assert_allclose(got, _video(eager.vace, 64, 64, 9, reference_images=[gray]), atol=1e-4)
+
+
+def test_calls_unlike_the_recorded_ones_run_the_eager_block(
+    families: tuple[Any, Any], spies: list[TokenSpy]
+) -> None:
+    compiled, eager = families
+    block, twin = compiled.text2video.transformer.blocks[1], eager.text2video.transformer.blocks[1]
+    kind = compiled.compiled_blocks.kinds[0]
+    inputs = kind.example(40)[0]
+    hidden, text, time, cos, sin = (t.repeat(2, *[1] * (t.ndim - 1)) for t in inputs)  # batch 2
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            block(hidden, text, time, (cos, sin)), twin(hidden, text, time, (cos, sin))
+        )
+        block(*inputs[:3], (inputs[3], inputs[4]))  # as recorded, 40 tokens: the package
+    assert spies[0].tokens == [40]
+
+
+def test_a_kind_never_called_in_the_warm_up_stays_eager(families: tuple[Any, Any], tmp_path: Path) -> None:
+    transformer = families[1].text2video.transformer
+    blocks = CompiledBlocks([transformer], tmp_path, (32, 64), None)
+    assert blocks.prepare() == {}  # nothing recorded: nothing compiled, nothing routed
+    assert all("forward" not in block.__dict__ for block in transformer.blocks)
+    assert not list(tmp_path.iterdir())
