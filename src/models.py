@@ -12,6 +12,12 @@ from src.settings import Settings, StartupError
 TINY_SUBDIR = "tiny"
 
 
+def straight_to(device: str) -> dict[str, str]:
+    """``from_pretrained`` arguments that load weights straight onto the GPU (diffusers' and
+    transformers' ``device_map``) instead of into CPU memory first; none elsewhere."""
+    return {"device_map": device} if device == "cuda" else {}
+
+
 def model_dirs(settings: Settings, names: list[str], build_tiny: Callable[..., None]) -> list[Path]:
     """The diffusers directories for ``names`` under MODELS_DIR.
 

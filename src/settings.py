@@ -45,19 +45,21 @@ class Settings(BaseSettings):
 
     compile: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="torch.compile the SDXL UNet and the Wan transformer blocks during start-up warm-up "
-        "(`auto`: on CUDA only). Jobs never compile: shapes not warmed run eagerly.",
+        description="Run AOT-compiled code (AOTInductor packages; `auto`: on CUDA only): the Wan "
+        "transformer blocks at every video size, and the SDXL UNet and VAE decode with COMPILE_SDXL. The "
+        "first start compiles the packages into COMPILE_CACHE_DIR; later starts load them. Jobs never "
+        "compile: what a package does not cover runs eagerly.",
     )
     compile_sdxl: bool = Field(
         True,
-        description="With COMPILE on, also run the SDXL UNet and VAE decode AOT-compiled (AOTInductor) at "
-        "1024x1024, every batch size: 1.6-2.2x faster end to end than plain diffusers on an H100; the first "
-        "start compiles them (7-9 minutes, once per GPU type and version), later starts load them in under "
+        description="With COMPILE on, also run the SDXL UNet and VAE decode AOT-compiled at 1024x1024, "
+        "every batch size: 1.6-2.2x faster end to end than plain diffusers on an H100; the first start "
+        "compiles them (7-9 minutes, once per GPU type and version), later starts load them in under "
         "a second from COMPILE_CACHE_DIR.",
     )
     compile_cache_dir: Path | None = Field(
         None,
-        description="Where compile artifacts are saved and reloaded (default MODELS_DIR/compile-cache); "
+        description="Where the compiled packages are saved and reloaded (default MODELS_DIR/compile-cache); "
         "point it at a network volume to share them between workers.",
     )
     attention_backend: Literal["auto", "cudnn", "flash", "native"] = Field(

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from src import acceleration
+from src.models import straight_to
 from src.settings import Settings
 
 
@@ -68,3 +69,8 @@ def test_frames_converted_on_device_match_the_numpy_path() -> None:
     expected = (np.clip(frames.permute(0, 2, 3, 1).numpy(), 0.0, 1.0) * 255).round().astype(np.uint8)
     video = frames.float().clamp(0.0, 1.0).mul(255).round().to(torch.uint8)
     np.testing.assert_array_equal(video.permute(0, 2, 3, 1).contiguous().numpy(), expected)
+
+
+def test_weights_load_straight_onto_the_gpu_only() -> None:
+    assert straight_to("cuda") == {"device_map": "cuda"}  # no copy in CPU memory first
+    assert straight_to("cpu") == {} and straight_to("cuda:1") == {}  # .to() places those

@@ -14,7 +14,7 @@ from src.contract import JobRequest
 from src.media.assets import GeneratedImage, Generation, encode_image_async
 from src.media.images import fit_cover, size_for_aspect, to_uint8
 from src.media.reference import FetchLimits, fetch_reference
-from src.models import model_dirs
+from src.models import model_dirs, straight_to
 from src.progress import Progress
 from src.sdxl.compiled_unet import CompiledUnet
 from src.sdxl.compiled_vae import CompiledVaeDecode
@@ -58,7 +58,7 @@ class SdxlFamily:
         device = settings.torch_device
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         log.info("loading SDXL from %s on %s (%s)", path, device, dtype)
-        text2img = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype)
+        text2img = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, **straight_to(device))
         if device != "cpu":
             text2img.to(device)
         text2img.set_progress_bar_config(disable=True)

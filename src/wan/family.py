@@ -26,7 +26,7 @@ from src.contract import JobRequest
 from src.media.assets import GeneratedImage, GeneratedVideo, Generation, encode_image_async
 from src.media.images import to_uint8
 from src.media.reference import FetchLimits, fetch_reference
-from src.models import model_dirs
+from src.models import model_dirs, straight_to
 from src.progress import Progress
 from src.settings import Settings
 from src.wan.compiled_blocks import CompiledBlocks
@@ -79,15 +79,16 @@ class WanFamily:
         device = settings.torch_device
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         log.info("loading Wan T2V from %s and VACE from %s on %s (%s)", t2v_dir, vace_dir, device, dtype)
-        vae = AutoencoderKLWan.from_pretrained(t2v_dir, subfolder="vae", dtype=torch.float32)
-        text2video = WanPipeline.from_pretrained(t2v_dir, vae=vae, dtype=dtype)
+        on_device = straight_to(device)
+        vae = AutoencoderKLWan.from_pretrained(t2v_dir, subfolder="vae", dtype=torch.float32, **on_device)
+        text2video = WanPipeline.from_pretrained(t2v_dir, vae=vae, dtype=dtype, **on_device)
         vace = WanVACEPipeline(
             tokenizer=text2video.tokenizer,
             text_encoder=text2video.text_encoder,
             vae=vae,
             scheduler=UniPCMultistepScheduler.from_pretrained(vace_dir, subfolder="scheduler"),
             transformer=WanVACETransformer3DModel.from_pretrained(
-                vace_dir, subfolder="transformer", dtype=dtype
+                vace_dir, subfolder="transformer", dtype=dtype, **on_device
             ),
         )
         for pipe in (text2video, vace):
