@@ -10,9 +10,9 @@ own process and writes ``results.json`` plus a table:
 - ``plain``: StableDiffusionXLPipeline / WanPipeline / WanVACEPipeline ``from_pretrained(...)
   .to("cuda")``, default SDPA, eager: the obvious implementation.
 - ``worker``: the worker from process start, through ``load_settings`` and ``start_worker``
-  (load, warm-up, compile), with an empty compile cache; then every job through
+  (load, warm-up, compile), with an empty COMPILE_CACHE_DIR; then every job through
   ``Worker.handle`` with ``LOCAL_STORAGE_DIR`` storage.
-- ``cached``: a fresh worker process with the compile cache the first one saved (and a fresh
+- ``cached``: a fresh worker process with the compiled packages the first one saved (and a fresh
   inductor directory, as on a new machine): cold start, then one SDXL job.
 
 ``--phases`` picks phases (default ``build,plain,worker,cached``; ``eager`` adds a worker with
@@ -336,7 +336,7 @@ def main() -> None:
         if phase == "build":
             continue
         env = dict(worker_env)
-        # A fresh inductor/Triton directory per process: only the saved compile cache carries over.
+        # A fresh inductor/Triton directory per process: only COMPILE_CACHE_DIR carries over.
         env["TORCHINDUCTOR_CACHE_DIR"] = f"/tmp/inductor-{phase}-{time.time_ns()}"
         env["TRITON_CACHE_DIR"] = env["TORCHINDUCTOR_CACHE_DIR"] + "/triton"
         if phase == "eager":

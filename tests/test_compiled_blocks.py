@@ -141,3 +141,12 @@ def test_a_kind_never_called_in_the_warm_up_stays_eager(families: tuple[Any, Any
     assert blocks.prepare() == {}  # nothing recorded: nothing compiled, nothing routed
     assert all("forward" not in block.__dict__ for block in transformer.blocks)
     assert not list(tmp_path.iterdir())
+
+
+def test_blocks_of_the_same_shapes_but_other_heads_get_their_own_package(families: tuple[Any, Any]) -> None:
+    transformer = families[1].text2video.transformer
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    other = type(transformer)(**{**config, "num_attention_heads": 4, "attention_head_dim": 6})  # same widths
+    blocks = CompiledBlocks([transformer, other], Path("unused"), (32, 64), None)
+    assert [len(kind.blocks) for kind in blocks.kinds] == [len(transformer.blocks), len(other.blocks)]
+    assert [kind.config["num_attention_heads"] for kind in blocks.kinds] == [2, 4]

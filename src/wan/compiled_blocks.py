@@ -81,8 +81,9 @@ class BlockKind:
     embedding (third from last): hidden states, control states (VACE), the rotary cos and sin.
     """
 
-    def __init__(self, blocks: list[torch.nn.Module]) -> None:
+    def __init__(self, blocks: list[torch.nn.Module], config: dict[str, Any]) -> None:
         self.blocks = blocks
+        self.config = config  # the transformer configuration the blocks' code depends on
         tensors = _tensors(blocks[0])
         self.names = list(tensors)
         self.signature = [(name, list(t.shape), str(t.dtype)) for name, t in tensors.items()]
@@ -160,20 +161,17 @@ class CompiledBlocks:
         attention: str | None,
     ) -> None:
         """``tokens``: the size inductor tunes the kernels for, and the most a job may have."""
-        kinds: dict[str, list[torch.nn.Module]] = {}
-        config: dict[str, Any] = {}
+        kinds: dict[str, tuple[list[torch.nn.Module], dict[str, Any]]] = {}
         for transformer in transformers:
-            config.update({k: transformer.config[k] for k in BLOCK_CONFIG if k in transformer.config})
+            config = {k: transformer.config[k] for k in BLOCK_CONFIG if k in transformer.config}
             for block in (*transformer.blocks, *getattr(transformer, "vace_blocks", ())):
-                key = repr(
-                    [type(block).__name__, [(n, t.shape, t.dtype) for n, t in _tensors(block).items()]]
-                )
-                kinds.setdefault(key, []).append(block)
-        self.kinds = [BlockKind(blocks) for blocks in kinds.values()]
+                layout = [(name, t.shape, t.dtype) for name, t in _tensors(block).items()]
+                key = repr([type(block).__name__, layout, config])
+                kinds.setdefault(key, ([], config))[0].append(block)
+        self.kinds = [BlockKind(blocks, config) for blocks, config in kinds.values()]
         self.cache_dir = cache_dir
         self.tuned_tokens, self.max_tokens = tokens
         self.attention = attention
-        self.config = config
 
     @contextmanager
     def recording(self) -> Iterator[None]:
@@ -218,7 +216,7 @@ class CompiledBlocks:
             kind.device,
             block=kind.name,
             weights=kind.signature,
-            config=self.config,
+            config=kind.config,
             inputs=[[len(shape), str(dtype)] for shape, dtype in kind.template],
             tokens=[self.tuned_tokens, self.max_tokens],
             attention=self.attention,
