@@ -143,7 +143,7 @@ class BlockKind:
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             inputs = None if kwargs else _flat(args)
-            if inputs is None or not self.covers(inputs):
+            if not self.covers(inputs):
                 return eager(*args, **kwargs)
             return package.run((inputs, weights), f"Wan {self.name}")
 
