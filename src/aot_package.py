@@ -165,7 +165,7 @@ class AotPackage:
             log.warning("%s not compiled (%s: %s): serving eagerly", self.name, type(err).__name__, err)
         return False
 
-    def run(self, inputs: Inputs, label: str) -> torch.Tensor:
+    def run(self, inputs: Inputs, label: str) -> Any:
         """The package on ``inputs``; on the GPU, a failure is reported as the device's.
 
         The inputs were checked by the caller, so a failure is the device's: AOTInductor reports

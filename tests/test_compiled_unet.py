@@ -45,7 +45,7 @@ def test_compiled_size_runs_the_package_and_matches_eager(
     compiled = CompiledUnet(eager_unet, LATENT, package_dir)
     timings = compiled.prepare()
     assert "aot_compile" not in timings  # the next worker loads the package: no compile
-    compiled.package.runner = spy = CallSpy(compiled.runner)
+    compiled.package.runner = spy = CallSpy(compiled.package.runner)
     got = pipe_images(sdxl_pipe, COMPILED_SIZE)
     assert spy.batches == [4, 4, 4]  # 3 steps x (2 images + 2 unconditional rows), one call each
     assert np.abs(got - expected).max() <= 2  # float rounding of the compiled kernels, nothing more
@@ -55,14 +55,14 @@ def test_package_holds_only_the_unets_own_tensors(sdxl_pipe: Any, package_dir: P
     """No constant derived from the weights (runtime folding copied every Linear weight: 4.3 GiB)."""
     compiled = CompiledUnet(eager_unet, LATENT, package_dir)
     compiled.prepare()
-    names = set(compiled.runner.get_constant_fqns())
+    names = set(compiled.package.runner.get_constant_fqns())
     assert names and names <= set(compiled.exported.state_dict())
 
 
 def test_other_sizes_and_arguments_run_eagerly(sdxl_pipe: Any, package_dir: Path, eager_unet: Any) -> None:
     compiled = CompiledUnet(eager_unet, LATENT, package_dir)
     compiled.prepare()
-    compiled.package.runner = spy = CallSpy(compiled.runner)
+    compiled.package.runner = spy = CallSpy(compiled.package.runner)
     pipe_images(sdxl_pipe, (COMPILED_SIZE[0] // 2, COMPILED_SIZE[1]))  # another size
     pipe_images(sdxl_pipe, COMPILED_SIZE, cross_attention_kwargs={})  # an argument the graph does not take
     assert spy.batches == []
@@ -72,8 +72,8 @@ def test_unusable_package_is_compiled_again(
     sdxl_pipe: Any, package_dir: Path, eager_unet: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     compiled = CompiledUnet(eager_unet, LATENT, tmp_path)
-    good = package_dir / compiled.path.name
-    compiled.path.write_bytes(b"not a package")
+    good = package_dir / compiled.package.path.name
+    compiled.package.path.write_bytes(b"not a package")
     rebuilt: list[Path] = []
 
     def compile_copy(self: AotPackage) -> None:  # the real compiler is tested above; this tests recovery
@@ -82,7 +82,7 @@ def test_unusable_package_is_compiled_again(
 
     monkeypatch.setattr(AotPackage, "_compile", compile_copy)
     timings = compiled.prepare()
-    assert rebuilt == [compiled.path] and "aot_compile" in timings
+    assert rebuilt == [compiled.package.path] and "aot_compile" in timings
     assert eager_unet.forward == compiled.forward  # installed after the rebuild
 
 
@@ -101,7 +101,7 @@ def test_worker_serves_1024_jobs_from_the_package(s3: Any, s3_endpoint: str, pac
     try:
         worker = start_worker(settings)
         (family,) = worker.families
-        family.compiled_unet.package.runner = spy = CallSpy(family.compiled_unet.runner)
+        family.compiled_unet.package.runner = spy = CallSpy(family.compiled_unet.package.runner)
         package = family.compiled_vae.package
         package.runner = decodes = CallSpy(package.runner)
         for job_id, config in (("aot-1024", {"num_images": 2}), ("aot-512", {"width": 512, "height": 512})):

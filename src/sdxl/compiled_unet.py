@@ -107,11 +107,6 @@ class CompiledUnet:
             cache_dir,
             unet.device,
         )
-        self.path = self.package.path
-
-    @property
-    def runner(self) -> Any:
-        return self.package.runner
 
     def prepare(self) -> dict[str, float]:
         """Load the package (or compile and save it), check it, and route matching calls to it.
