@@ -14,6 +14,8 @@ own process and writes ``results.json`` plus a table:
   ``Worker.handle`` with ``LOCAL_STORAGE_DIR`` storage.
 - ``cached``: a fresh worker process with the compiled packages the first one saved (and a fresh
   inductor directory, as on a new machine): cold start, then one SDXL job.
+- ``profile``: like ``cached``, then each job once under ``bench/gpu_profile.py`` (where its GPU time
+  goes); Wan jobs run ``--profile-steps`` steps.
 
 ``--phases`` picks phases (default ``build,plain,worker,cached``; ``eager`` adds a worker with
 ``COMPILE=off``); results of phases run earlier into the same ``--out`` are merged, so a run
@@ -180,7 +182,7 @@ def phase_plain(models: Path, out: dict[str, Any], only: set[str]) -> None:
 
 
 # ---------------------------------------------------------------- phase: the worker
-def _payload(name: str, reference_url: str | None) -> dict[str, Any]:
+def _payload(name: str, reference_url: str | None, wan_steps: int | None = None) -> dict[str, Any]:
     config: dict[str, Any] = {"seed": 1}
     metadata: dict[str, Any] = {}
     if name in SDXL_JOBS:
@@ -188,6 +190,8 @@ def _payload(name: str, reference_url: str | None) -> dict[str, Any]:
         config["num_images"] = images
     else:
         job_type = WAN_JOBS[name][0]
+        if wan_steps:
+            config["num_inference_steps"] = wan_steps
         if WAN_JOBS[name][3]:
             metadata["reference_image_url"] = reference_url
     job_id = f"bench-{name}-{time.monotonic_ns()}"
@@ -205,8 +209,14 @@ def _payload(name: str, reference_url: str | None) -> dict[str, Any]:
     }
 
 
-def phase_worker(out: dict[str, Any], jobs: list[str], repeats: int) -> None:
-    """Start the worker (settings from the environment), then time each job through handle()."""
+def phase_worker(
+    out: dict[str, Any], jobs: list[str], repeats: int, profile_steps: int | None = None
+) -> None:
+    """Start the worker (settings from the environment), then time each job through handle().
+
+    With ``profile_steps``, Wan jobs run that many steps, every job runs once, then once more
+    under the profiler.
+    """
     spawned = float(os.environ["BENCH_SPAWNED_AT"])
     import torch
 
@@ -244,11 +254,11 @@ def phase_worker(out: dict[str, Any], jobs: list[str], repeats: int) -> None:
     reference_url = _serve(tmp) + "/reference.png"
     for name in jobs:
         runs = []
-        for _ in range(repeats if name in SDXL_JOBS else 1):
+        for _ in range(repeats if name in SDXL_JOBS and not profile_steps else 1):
             generate_s.clear()
             torch.cuda.reset_peak_memory_stats()
             started = time.perf_counter()
-            result = worker.handle(_payload(name, reference_url))
+            result = worker.handle(_payload(name, reference_url, profile_steps))
             seconds = time.perf_counter() - started
             if result.get("status") != "completed":
                 raise RuntimeError(f"{name}: {result}")
@@ -264,6 +274,14 @@ def phase_worker(out: dict[str, Any], jobs: list[str], repeats: int) -> None:
         best = min(runs, key=lambda r: r["s"])
         out[name] = {**best, "first_s": runs[0]["s"], "runs": [r["s"] for r in runs]}
         print(f"worker {name}: {out[name]}", flush=True)
+        if profile_steps:
+            from bench.gpu_profile import profiled
+
+            payload = _payload(name, reference_url, profile_steps)
+            result, out[name]["profile"] = profiled(lambda: worker.handle(payload), worker.families)  # noqa: B023
+            if result.get("status") != "completed":
+                raise RuntimeError(f"{name} (profiled): {result}")
+            print(f"profile {name}: {json.dumps(out[name]['profile'])}", flush=True)
 
 
 # ---------------------------------------------------------------- orchestration
@@ -272,6 +290,7 @@ def _run_phase(phase: str, args: argparse.Namespace, env: dict[str, str], jobs: 
     env = {**os.environ, **env, "BENCH_SPAWNED_AT": repr(time.time()), "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "bench.run", "--child", phase, "--models", str(args.models)]
     command += ["--out", str(args.out), "--jobs", ",".join(jobs), "--repeats", str(args.repeats)]
+    command += ["--profile-steps", str(args.profile_steps)]
     with open(args.out / f"{phase}.log", "w") as log:
         code = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     text = (args.out / f"{phase}.log").read_text()
@@ -292,7 +311,7 @@ def _child(args: argparse.Namespace) -> None:
         if args.child == "plain":
             phase_plain(args.models, out, set(jobs))
         else:
-            phase_worker(out, jobs, args.repeats)
+            phase_worker(out, jobs, args.repeats, args.profile_steps if args.child == "profile" else None)
     finally:
         import torch
 
@@ -309,6 +328,7 @@ def main() -> None:
     parser.add_argument("--build", default="sdxl,wan", help="families the build phase builds")
     parser.add_argument("--cached-jobs", default="sdxl_high_1", help="jobs the cached-worker phase runs")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each SDXL job (best reported)")
+    parser.add_argument("--profile-steps", type=int, default=3, help="steps of the Wan jobs profiled")
     parser.add_argument("--worker-env", default="", help="extra KEY=VALUE,... for the worker phases")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -341,7 +361,7 @@ def main() -> None:
         env["TRITON_CACHE_DIR"] = env["TORCHINDUCTOR_CACHE_DIR"] + "/triton"
         if phase == "eager":
             env["COMPILE"] = "off"
-        phase_jobs = args.cached_jobs.split(",") if phase == "cached" else jobs
+        phase_jobs = args.cached_jobs.split(",") if phase in ("cached", "profile") else jobs
         if phase == "worker":
             import shutil
 
