@@ -39,6 +39,12 @@ INDUCTOR_CONFIGS: dict[str, Any] = {
     "aot_inductor.use_runtime_constant_folding": False,
 }
 
+# Instances of the compiled model in a loaded package; they share the constants. A call waits
+# until the instance it gets has finished its previous run on the GPU: with one instance, each
+# call (a denoising step, a Wan block) would wait for the previous one to finish before
+# launching its kernels; with two, it is queued while the previous one runs.
+MODEL_INSTANCES = 2
+
 Inputs = tuple[Any, ...]  # tensors, or lists of tensors
 
 
@@ -98,9 +104,8 @@ class _Runner:
         from torch.export.pt2_archive._package import AOTICompiledModel
 
         index = (device.index or 0) if device.type == "cuda" else -1
-        self.model = AOTICompiledModel(
-            torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
-        )
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, MODEL_INSTANCES, index)
+        self.model = AOTICompiledModel(loader)
         self.out_spec = pytree.treespec_loads(self.model.loader.get_call_spec()[1])
 
     def __call__(self, *inputs: Any) -> Any:

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
         description="Where the compiled packages are saved and reloaded (default MODELS_DIR/compile-cache); "
         "point it at a network volume to share them between workers.",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="On CUDA, replay the SDXL text encoders from CUDA graphs captured at start-up: the "
+        "same kernels, without launching each from Python.",
+    )
     attention_backend: Literal["auto", "cudnn", "flash", "native"] = Field(
         "auto",
         description="Wan attention kernel: `auto` (cuDNN on CUDA), `cudnn`, `flash`, `native` "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from src.models import model_dirs, straight_to
 from src.progress import Progress
 from src.sdxl.compiled_unet import CompiledUnet
 from src.sdxl.compiled_vae import CompiledVaeDecode
+from src.sdxl.graphed_encoders import GraphedTextEncoder
 from src.sdxl.plan import DEFAULTS, SIZE_BOUNDS, SdxlPlan, plan_sdxl
 from src.settings import Settings
 
@@ -42,12 +44,14 @@ class SdxlFamily:
         limits: FetchLimits,
         compiled_unet: CompiledUnet | None = None,
         compiled_vae: CompiledVaeDecode | None = None,
+        graphed_encoders: tuple[GraphedTextEncoder, ...] = (),
     ) -> None:
         self.text2img = text2img
         self.img2img = img2img
         self.limits = limits
         self.compiled_unet = compiled_unet
         self.compiled_vae = compiled_vae
+        self.graphed_encoders = graphed_encoders
 
     @classmethod
     def load(cls, settings: Settings) -> SdxlFamily:
@@ -67,27 +71,36 @@ class SdxlFamily:
         img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(text2img, dtype=dtype)
         img2img.set_progress_bar_config(disable=True)
         limits = FetchLimits.from_settings(settings)
+        graphed: tuple[GraphedTextEncoder, ...] = ()
+        if device.startswith("cuda") and settings.cuda_graphs:
+            graphed = tuple(GraphedTextEncoder(e) for e in (text2img.text_encoder, text2img.text_encoder_2))
         if not (acceleration.compile_enabled(settings, device) and settings.compile_sdxl):
-            return cls(text2img, img2img, limits)
+            return cls(text2img, img2img, limits, graphed_encoders=graphed)
         scale = text2img.vae_scale_factor
         latent_size = (COMPILED_SIZE[1] // scale, COMPILED_SIZE[0] // scale)
         cache = settings.compile_cache_path
         compiled_unet = CompiledUnet(text2img.unet, latent_size, cache)
         compiled_vae = CompiledVaeDecode(text2img.vae, latent_size, cache)
-        return cls(text2img, img2img, limits, compiled_unet, compiled_vae)
+        return cls(text2img, img2img, limits, compiled_unet, compiled_vae, graphed)
 
     def warm_up(self) -> dict[str, float]:
         """Run both pipelines once so the first job pays no first-call cost.
 
         With COMPILE on, the compiled UNet and VAE decode are loaded first (compiled and saved
         when missing: minutes, once per GPU type and version) and the pipelines run at
-        COMPILED_SIZE. Returns the seconds of the compile phases.
+        COMPILED_SIZE; with CUDA_GRAPHS, the text encoders are captured. Returns the seconds of
+        these phases.
         """
         timings: dict[str, float] = {}
         width = height = WARM_UP_SIZE
         if self.compiled_unet is not None and self.compiled_vae is not None:
             timings = {**self.compiled_unet.prepare(), **self.compiled_vae.prepare()}
             width, height = COMPILED_SIZE
+        if self.graphed_encoders:
+            started = time.perf_counter()
+            for encoder in self.graphed_encoders:
+                encoder.prepare()
+            timings["graphs"] = round(time.perf_counter() - started, 2)
         with torch.inference_mode():
             image = self.text2img("warm-up", width=width, height=height, num_inference_steps=2).images[0]
             self.img2img("warm-up", image=image, strength=0.5, num_inference_steps=2)

@@ -1,0 +1,107 @@
+"""The SDXL text encoders' CUDA-graph path, on CPU (tiny pipeline): which calls it serves, and
+that a replay's outputs stay the caller's when the next replay overwrites the graph's tensors.
+
+Capturing needs CUDA; the GPU run checks each replay against the eager call at start-up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+from src.sdxl.graphed_encoders import TEXT_TOKENS, GraphedTextEncoder
+from src.worker import Worker
+
+
+class _StaticGraph:
+    """Stands in for a captured graph: replay recomputes the eager call into the same tensors."""
+
+    def __init__(self, graphed: GraphedTextEncoder) -> None:
+        self.graphed = graphed
+
+    def replay(self) -> None:
+        fresh = self.graphed.eager(self.graphed.ids, output_hidden_states=True)
+        for static, value in zip(
+            pytree.tree_leaves(self.graphed.output), pytree.tree_leaves(fresh), strict=True
+        ):
+            static.copy_(value)
+
+
+def _leaves(output: Any) -> list[torch.Tensor]:
+    return pytree.tree_leaves(output)
+
+
+@pytest.fixture(params=["text_encoder", "text_encoder_2"])
+def graphed(request: pytest.FixtureRequest, sdxl_pipe: Any) -> Any:
+    encoder = getattr(sdxl_pipe, request.param)
+    graphed = GraphedTextEncoder(encoder)
+    with torch.inference_mode():
+        graphed.output = graphed.eager(graphed.ids, output_hidden_states=True)
+    graphed.graph = _StaticGraph(graphed)  # type: ignore[assignment]
+    encoder.forward = graphed.forward
+    yield graphed
+    del encoder.forward
+
+
+def _ids(seed: int, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, TEXT_TOKENS), generator=torch.Generator().manual_seed(seed))
+
+
+def test_pipeline_calls_replay_and_keep_their_outputs(graphed: GraphedTextEncoder) -> None:
+    vocab = graphed.encoder.config.vocab_size
+    prompt, negative = _ids(1, vocab), _ids(2, vocab)
+    with torch.inference_mode():
+        got_prompt = graphed.encoder(prompt, output_hidden_states=True)
+        got_negative = graphed.encoder(negative, output_hidden_states=True)
+        want_prompt = graphed.eager(prompt, output_hidden_states=True)
+        want_negative = graphed.eager(negative, output_hidden_states=True)
+    # the prompt's embeddings survive the negative prompt's replay, which rewrote the graph's tensors
+    assert type(got_prompt) is type(want_prompt) and len(got_prompt.hidden_states) == len(
+        want_prompt.hidden_states
+    )
+    assert all(torch.equal(a, b) for a, b in zip(_leaves(got_prompt), _leaves(want_prompt), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(_leaves(got_negative), _leaves(want_negative), strict=True))
+    assert not torch.equal(got_prompt[0], got_negative[0])
+    assert all(
+        a.data_ptr() != b.data_ptr()
+        for a, b in zip(_leaves(got_prompt), _leaves(graphed.output), strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    "ids_shape, kwargs",
+    [
+        ((2, TEXT_TOKENS), {"output_hidden_states": True}),  # a batch of prompts
+        ((1, 20), {"output_hidden_states": True}),  # other length
+        ((1, TEXT_TOKENS), {}),  # no hidden states
+        ((1, TEXT_TOKENS), {"output_hidden_states": True, "return_dict": False}),
+    ],
+)
+def test_other_calls_run_eagerly(
+    graphed: GraphedTextEncoder, ids_shape: tuple[int, int], kwargs: dict
+) -> None:
+    ids = torch.randint(0, graphed.encoder.config.vocab_size, ids_shape)
+    assert not graphed.covers(ids, (), kwargs)
+    before = [t.clone() for t in _leaves(graphed.output)]
+    with torch.inference_mode():
+        got = graphed.encoder(ids, **kwargs)
+        want = graphed.eager(ids, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(_leaves(got), _leaves(want), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(_leaves(graphed.output), before, strict=True))  # no replay
+
+
+def test_covers_only_the_encoders_device_and_dtype(graphed: GraphedTextEncoder) -> None:
+    ids = torch.zeros(1, TEXT_TOKENS, dtype=torch.long)
+    assert graphed.covers(ids, (), {"output_hidden_states": True})
+    assert not graphed.covers(ids.int(), (), {"output_hidden_states": True})
+    assert not graphed.covers(ids, (None,), {"output_hidden_states": True})
+    assert not graphed.covers(None, (), {"output_hidden_states": True})
+
+
+def test_cpu_worker_graphs_nothing(sdxl_worker: Worker) -> None:
+    (family,) = sdxl_worker.families
+    assert family.graphed_encoders == ()
+    assert "forward" not in vars(family.text2img.text_encoder)
