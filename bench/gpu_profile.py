@@ -1,10 +1,10 @@
 """Where a job's GPU time goes (GPU only): the models' calls and the kernels, by kind.
 
-- Spans: each model call the pipelines make (text encoders, UNet or transformer, VAE decode,
-  scheduler step) between two CUDA events, so a span is GPU time from its first kernel's
-  start to its last kernel's end, idle gaps inside it included.
-- Kernels (torch.profiler): busy time (the union of kernel, copy and set intervals) against
-  the job's wall time, the sum per kind of kernel, and the longest kernels by name.
+- Spans (a run without the profiler): each model call the pipelines make (text encoders, UNet
+  or transformer, VAE, scheduler step) between two CUDA events, so a span is GPU time from
+  its first kernel's start to its last kernel's end, idle gaps inside it included.
+- Kernels (a second run, under torch.profiler): busy time (the union of kernel, copy and set
+  intervals) against the job's wall time, the sum per kind of kernel, the longest kernels.
 """
 
 from __future__ import annotations
@@ -135,22 +135,30 @@ def model_calls(families: list[Any]) -> list[tuple[str, Any, str]]:
     return calls
 
 
-def profiled(call: Callable[[], Any], families: list[Any]) -> tuple[Any, dict[str, Any]]:
-    """Run ``call`` once under the profiler with spans around the families' model calls."""
-    from torch.profiler import ProfilerActivity, profile
-
+def _with_spans(call: Callable[[], Any], families: list[Any]) -> tuple[Any, GpuSpans]:
     spans = GpuSpans()
     for name, owner, attribute in model_calls(families):
         spans.wrap(name, owner, attribute)
     try:
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            result = call()
-            torch.cuda.synchronize()
-            wall_s = time.perf_counter() - started
+        return call(), spans
     finally:
         spans.unwrap()
+
+
+def profiled(call: Callable[[], Any], families: list[Any]) -> tuple[Any, dict[str, Any]]:
+    """Run ``call`` with spans around the families' model calls, then again under the profiler.
+
+    The profiler slows the host (every launch is recorded), so the spans come from the first run.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    _, spans = _with_spans(call, families)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        result, _ = _with_spans(call, families)
+        torch.cuda.synchronize()
+        wall_s = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
