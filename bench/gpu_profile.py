@@ -61,13 +61,16 @@ class GpuSpans:
                 delattr(owner, attribute)
         self._restore.clear()
 
-    def totals(self) -> dict[str, dict[str, float]]:
-        """Per name: calls and GPU seconds (synchronizes)."""
+    def totals(self) -> dict[str, dict[str, Any]]:
+        """Per name: calls, GPU seconds, and each call's milliseconds up to 60 calls (synchronizes)."""
         torch.cuda.synchronize()
-        return {
-            name: {"calls": len(pairs), "gpu_s": round(sum(s.elapsed_time(e) for s, e in pairs) / 1000, 4)}
-            for name, pairs in self.events.items()
-        }
+        totals = {}
+        for name, pairs in self.events.items():
+            each_ms = [round(start.elapsed_time(end), 2) for start, end in pairs]
+            totals[name] = {"calls": len(pairs), "gpu_s": round(sum(each_ms) / 1000, 4)}
+            if len(pairs) <= 60:
+                totals[name]["each_ms"] = each_ms
+        return totals
 
 
 def _kind(name: str) -> str:

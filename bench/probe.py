@@ -194,9 +194,11 @@ def probe_wan_vae(models: Path, runs: int) -> dict[str, float]:
     latents = torch.randn(1, 16, 21, 60, 104, device="cuda")
     print("Wan VAE decode, 81 frames 832x480 (fp32):", flush=True)
     results = {}
+    convolutions = [m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)]
     for name in ("default", "benchmark", "channels_last_3d", "default_again"):
         torch.backends.cudnn.benchmark = name == "benchmark"
-        vae.to(memory_format=_memory_format(name))
+        for conv in convolutions:  # its other parameters are not 5-D
+            conv.weight.data = conv.weight.data.contiguous(memory_format=_memory_format(name))
         inputs = latents.contiguous(memory_format=_memory_format(name))
         with torch.inference_mode():
             results[name] = _median_s(lambda: vae.decode(inputs), runs)  # noqa: B023
