@@ -128,7 +128,8 @@ class AotPackage:
     ``example(size)`` gives random inputs of the served shapes, ``dim`` at ``size``;
     ``dynamic_shapes(dim)`` marks where ``dim`` is in them (``torch.export``'s ``dynamic_shapes``).
     ``identity`` (versions, GPU, configuration) names the file: a package is reused only by the
-    same combination.
+    same combination. ``inductor``: settings compiled with beside INDUCTOR_CONFIGS (part of the
+    identity too).
     """
 
     def __init__(
@@ -141,6 +142,7 @@ class AotPackage:
         identity: dict[str, Any],
         cache_dir: Path,
         device: torch.device,
+        inductor: dict[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.module = module
@@ -149,6 +151,9 @@ class AotPackage:
         self.dynamic_shapes = dynamic_shapes
         self.device = device
         self.on_gpu = device.type == "cuda"
+        self.inductor = inductor or {}
+        if self.inductor:
+            identity = {**identity, "inductor_extra": self.inductor}
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.path = cache_dir / f"{name}-{digest}.pt2"
         self.runner: Any = None
@@ -236,7 +241,7 @@ class AotPackage:
         os.close(fd)
         try:
             torch._inductor.aoti_compile_and_package(
-                program, package_path=tmp, inductor_configs=dict(INDUCTOR_CONFIGS)
+                program, package_path=tmp, inductor_configs={**INDUCTOR_CONFIGS, **self.inductor}
             )
             os.replace(tmp, self.path)
             log.info("%s saved: %s (%.1f MB)", self.name, self.path, self.path.stat().st_size / 1e6)

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 MAX_IMAGES = 8
 FORMAT = 1  # bump when the exported signature changes
+# Convolutions in channels-last layout. Inductor picks it only for static shapes, and the batch
+# is dynamic: in NCHW, cuDNN transposes every activation to NHWC and back around each convolution
+# (1024x1024 activations of 128-512 channels). The weights (98 MB) are transposed in the graph.
+INDUCTOR = {"force_layout_optimization": True}
 
 
 class _Decode(torch.nn.Module):
@@ -56,6 +60,7 @@ class CompiledVaeDecode:
             sdxl_identity(FORMAT, vae, latent_size, MAX_IMAGES),
             cache_dir,
             device,
+            inductor=INDUCTOR,
         )
 
     def prepare(self) -> dict[str, float]:
