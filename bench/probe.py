@@ -10,10 +10,6 @@ its defaults (results: docs/PERFORMANCE.md, "Probes"). ``--only`` picks probes:
 - ``sdxl_unet_compiled_step_s``: the same step through ``torch.compile`` (inductor, the code
   AOTInductor generates too) with the batch static and dynamic, each called directly and replayed
   from a CUDA graph; plus the SDXL VAE decode compiled;
-- ``sdxl_unet_package_step_s``: the same step through the worker's UNet package (from
-  ``bench-compile-cache`` beside ``--models``, where ``bench.run`` keeps it) with the default
-  BLAS and cuDNN settings, ``cudnn.benchmark``, and cuBLASLt as the preferred BLAS library
-  (both read when the package's extern kernels run);
 - ``sdxl_vae_decode_s`` / ``wan_vae_decode_s``: the SDXL VAE decode of one 1024x1024 image and
   the Wan VAE decode of 81 frames at 832x480 (fp32), with the default cuDNN convolution
   algorithms, ``torch.backends.cudnn.benchmark``, and channels-last memory format (the Wan VAE's
@@ -150,34 +146,6 @@ def probe_sdxl_unet_compiled(models: Path, runs: int) -> dict[str, Any]:
     return results
 
 
-def probe_sdxl_unet_package(models: Path, runs: int) -> dict[str, Any]:
-    """One CFG step through the UNet's AOTInductor package, under runtime BLAS/cuDNN settings."""
-    from diffusers import UNet2DConditionModel
-
-    from src.sdxl.compiled_unet import CompiledUnet, example_inputs
-
-    unet = UNet2DConditionModel.from_pretrained(models / "sdxl" / "unet", dtype=torch.float16).to("cuda")
-    compiled = CompiledUnet(unet, (128, 128), models.parent / "bench-compile-cache")  # bench.run's
-    timings = compiled.prepare()
-    inputs = example_inputs(unet, (128, 128), 2)
-    added = {"text_embeds": inputs[3], "time_ids": inputs[4]}
-
-    def step() -> Any:
-        return unet(inputs[0], inputs[1], inputs[2], added_cond_kwargs=added, return_dict=False)
-
-    results: dict[str, Any] = {"prepare": timings}
-    default_blas = torch.backends.cuda.preferred_blas_library()
-    for name in ("default", "cudnn_benchmark", "cublaslt", "cublaslt_cudnn_benchmark", "default_again"):
-        torch.backends.cudnn.benchmark = "cudnn_benchmark" in name
-        torch.backends.cuda.preferred_blas_library("cublaslt" if "cublaslt" in name else default_blas)
-        with torch.inference_mode():
-            results[name] = _median_s(step, runs)
-        print(f"  UNet package step, {name}: {results[name]} s", flush=True)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cuda.preferred_blas_library(default_blas)
-    return results
-
-
 def probe_sdxl_vae(models: Path, runs: int) -> dict[str, float]:
     from diffusers import AutoencoderKL
 
@@ -216,7 +184,6 @@ def _conv_contexts() -> dict[str, Callable[[], AbstractContextManager[Any]]]:
 PROBES: dict[str, Callable[[Path, int], Any]] = {
     "sdxl_unet_step_s": probe_sdxl_unet,
     "sdxl_unet_compiled_step_s": probe_sdxl_unet_compiled,
-    "sdxl_unet_package_step_s": probe_sdxl_unet_package,
     "sdxl_vae_decode_s": probe_sdxl_vae,
     "wan_vae_decode_s": probe_wan_vae,
 }

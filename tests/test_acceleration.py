@@ -74,3 +74,27 @@ def test_frames_converted_on_device_match_the_numpy_path() -> None:
 def test_weights_load_straight_onto_the_gpu_only() -> None:
     assert straight_to("cuda") == {"device_map": "cuda"}  # no copy in CPU memory first
     assert straight_to("cpu") == {} and straight_to("cuda:1") == {}  # .to() places those
+
+
+def test_conv3d_channels_last_decodes_the_same_video(s3_endpoint: str) -> None:
+    from diffusers import AutoencoderKLWan
+
+    from src.models import model_dirs
+    from src.wan.tiny import build_tiny_wan
+    from tests.conftest import tiny_settings
+
+    t2v_dir, _ = model_dirs(tiny_settings(s3_endpoint, ["wan"]), ["wan-t2v", "wan-vace"], build_tiny_wan)
+    vae = AutoencoderKLWan.from_pretrained(t2v_dir, subfolder="vae")
+    channels = vae.config.z_dim
+    latents = torch.randn(1, channels, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    before = {name: p.clone() for name, p in vae.named_parameters()}
+    with torch.inference_mode():
+        expected = vae.decode(latents).sample
+        acceleration.conv3d_channels_last(vae)
+        got = vae.decode(latents).sample
+    convs = [m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last_3d) for c in convs)
+    assert all(not c.weight.is_contiguous() for c in convs if c.weight.shape[2:].numel() > 1)
+    assert all(torch.equal(p, before[name]) for name, p in vae.named_parameters())  # values kept
+    assert got.shape == expected.shape == (1, 3, 9, 64, 64)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -16,7 +16,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from src.aot_package import AotPackage, DynamicDim, package_identity
+from src.aot_package import CHANNELS_LAST, AotPackage, DynamicDim, package_identity
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ class CompiledUnet:
             sdxl_identity(FORMAT, unet, latent_size, MAX_BATCH),
             cache_dir,
             unet.device,
+            inductor=CHANNELS_LAST,
         )
 
     def prepare(self) -> dict[str, float]:

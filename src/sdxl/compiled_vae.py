@@ -17,17 +17,13 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DecoderOutput
 
-from src.aot_package import AotPackage, DynamicDim
+from src.aot_package import CHANNELS_LAST, AotPackage, DynamicDim
 from src.sdxl.compiled_unet import sdxl_identity
 
 log = logging.getLogger(__name__)
 
 MAX_IMAGES = 8
 FORMAT = 1  # bump when the exported signature changes
-# Convolutions in channels-last layout. Inductor picks it only for static shapes, and the batch
-# is dynamic: in NCHW, cuDNN transposes every activation to NHWC and back around each convolution
-# (1024x1024 activations of 128-512 channels). The weights (98 MB) are transposed in the graph.
-INDUCTOR = {"force_layout_optimization": True}
 
 
 class _Decode(torch.nn.Module):
@@ -60,7 +56,7 @@ class CompiledVaeDecode:
             sdxl_identity(FORMAT, vae, latent_size, MAX_IMAGES),
             cache_dir,
             device,
-            inductor=INDUCTOR,
+            inductor=CHANNELS_LAST,
         )
 
     def prepare(self) -> dict[str, float]:

@@ -81,6 +81,8 @@ class WanFamily:
         log.info("loading Wan T2V from %s and VACE from %s on %s (%s)", t2v_dir, vace_dir, device, dtype)
         on_device = straight_to(device)
         vae = AutoencoderKLWan.from_pretrained(t2v_dir, subfolder="vae", dtype=torch.float32, **on_device)
+        if device.startswith("cuda"):
+            acceleration.conv3d_channels_last(vae)
         text2video = WanPipeline.from_pretrained(t2v_dir, vae=vae, dtype=dtype, **on_device)
         vace = WanVACEPipeline(
             tokenizer=text2video.tokenizer,
