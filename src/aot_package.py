@@ -69,7 +69,7 @@ class DynamicDim:
     checked: tuple[int, ...]
 
 
-def _relative_error(got: Any, expected: Any) -> float:
+def relative_error(got: Any, expected: Any) -> float:
     """The largest ``|got - expected| / |expected|`` (float32) over the outputs; infinite when not finite."""
     errors = []
     for out, reference in zip(pytree.tree_leaves(got), pytree.tree_leaves(expected), strict=True):
@@ -79,7 +79,7 @@ def _relative_error(got: Any, expected: Any) -> float:
     return error if math.isfinite(error) else math.inf
 
 
-def _timed(timings: dict[str, float], name: str, step: Callable[[], Any]) -> Any:
+def timed_phase(timings: dict[str, float], name: str, step: Callable[[], Any]) -> Any:
     """Run ``step``, adding its seconds to ``timings[name]``."""
     started = time.perf_counter()
     result = step()
@@ -174,7 +174,7 @@ class AotPackage:
         try:
             if self.path.is_file() and self._load_checked(timings, prefix):
                 return True
-            _timed(timings, f"{prefix}_compile", self._compile)
+            timed_phase(timings, f"{prefix}_compile", self._compile)
             if self._load_checked(timings, prefix):
                 return True
             log.warning("the freshly compiled %s is unusable: serving eagerly", self.name)
@@ -207,8 +207,8 @@ class AotPackage:
         """Load the package and check it against the eager call; False (logged) when either fails."""
         try:
             before = torch.cuda.memory_allocated(self.device) if self.on_gpu else 0
-            self.runner = _timed(timings, f"{prefix}_load", self._load_runner)
-            if _timed(timings, f"{prefix}_check", self._agrees):
+            self.runner = timed_phase(timings, f"{prefix}_load", self._load_runner)
+            if timed_phase(timings, f"{prefix}_check", self._agrees):
                 if self.on_gpu:
                     extra = (torch.cuda.memory_allocated(self.device) - before) / 2**30
                     log.info("%s loaded: %.2f GiB of GPU memory beyond the weights", self.name, extra)
@@ -224,7 +224,7 @@ class AotPackage:
         with torch.inference_mode():
             for size in self.dim.checked:
                 inputs = self.example(size)
-                error = _relative_error(self.runner(*inputs), self.module(*inputs))
+                error = relative_error(self.runner(*inputs), self.module(*inputs))
                 level = logging.WARNING if error > MAX_RELATIVE_ERROR else logging.INFO
                 where = f"{self.dim.name} {size}"
                 log.log(level, "%s vs eager: relative error %.3g at %s", self.name, error, where)

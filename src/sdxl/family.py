@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import torch
@@ -11,6 +10,7 @@ from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipelin
 from PIL import Image
 
 from src import acceleration
+from src.aot_package import timed_phase
 from src.contract import JobRequest
 from src.media.assets import GeneratedImage, Generation, encode_image_async
 from src.media.images import fit_cover, size_for_aspect, to_uint8
@@ -97,10 +97,7 @@ class SdxlFamily:
             timings = {**self.compiled_unet.prepare(), **self.compiled_vae.prepare()}
             width, height = COMPILED_SIZE
         if self.graphed_encoders:
-            started = time.perf_counter()
-            for encoder in self.graphed_encoders:
-                encoder.prepare()
-            timings["graphs"] = round(time.perf_counter() - started, 2)
+            timed_phase(timings, "graphs", lambda: [encoder.prepare() for encoder in self.graphed_encoders])
         with torch.inference_mode():
             image = self.text2img("warm-up", width=width, height=height, num_inference_steps=2).images[0]
             self.img2img("warm-up", image=image, strength=0.5, num_inference_steps=2)
