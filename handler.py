@@ -3,8 +3,7 @@
 import logging
 import sys
 
-import runpod
-
+from src.runpod_sdk import runpod
 from src.settings import StartupError, load_settings
 from src.worker import start_worker
 

@@ -8,7 +8,9 @@
   as inputs) and derives none from them: no copy, no GPU memory beyond the weights, any
   checkpoint of the architecture.
 - A loaded package is checked against the eager call on random inputs before it serves; a
-  package that disagrees or does not load (a stale or corrupt file) is compiled again.
+  package that disagrees or does not load (a stale or corrupt file) is compiled again. A package
+  that agreed gets a record beside it (its SHA-256 and the errors measured): later starts load a
+  file with that digest without checking it again.
 """
 
 from __future__ import annotations
@@ -77,6 +79,11 @@ def relative_error(got: Any, expected: Any) -> float:
         errors.append(((out.float() - reference).norm() / reference.norm().clamp_min(1e-12)).item())
     error = max(errors)
     return error if math.isfinite(error) else math.inf
+
+
+def _file_sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def timed_phase(timings: dict[str, float], name: str, step: Callable[[], Any]) -> Any:
@@ -163,12 +170,15 @@ class AotPackage:
             identity = {**identity, "inductor_extra": self.inductor}
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.path = cache_dir / f"{name}-{digest}.pt2"
+        self.record_path = cache_dir / f"{name}-{digest}.checked.json"
         self.runner: Any = None
 
     def prepare(self, timings: dict[str, float], prefix: str) -> bool:
-        """Load the package (or compile and save it) and check it; True when ``runner`` serves.
+        """Load the package (or compile and save it) and check it (once per file); True when
+        ``runner`` serves.
 
-        Adds the seconds of each phase to ``timings`` (``{prefix}_compile``, ``_load``, ``_check``).
+        Adds the seconds of each phase to ``timings`` (``{prefix}_compile``, ``_load``, ``_check``;
+        no ``_check`` for a file checked before).
         Any failure is logged and leaves ``runner`` None: the caller serves eagerly.
         """
         try:
@@ -204,23 +214,34 @@ class AotPackage:
         return runner
 
     def _load_checked(self, timings: dict[str, float], prefix: str) -> bool:
-        """Load the package and check it against the eager call; False (logged) when either fails."""
+        """Load the package and check it against the eager call, unless this very file was checked
+        before (its record); False (logged) when loading or the check fails."""
         try:
             before = torch.cuda.memory_allocated(self.device) if self.on_gpu else 0
             self.runner = timed_phase(timings, f"{prefix}_load", self._load_runner)
-            if timed_phase(timings, f"{prefix}_check", self._agrees):
-                if self.on_gpu:
-                    extra = (torch.cuda.memory_allocated(self.device) - before) / 2**30
-                    log.info("%s loaded: %.2f GiB of GPU memory beyond the weights", self.name, extra)
-                return True
-            log.warning("%s (%s) disagrees with the eager call", self.name, self.path)
+            digest = _file_sha256(self.path)
+            if self._checked_before(digest):
+                log.info("%s: checked against the eager call before (%s)", self.name, self.record_path.name)
+            else:
+                errors = timed_phase(timings, f"{prefix}_check", self._check)
+                if errors is None:
+                    log.warning("%s (%s) disagrees with the eager call", self.name, self.path)
+                    self.runner = None
+                    return False
+                self._write_record(digest, errors)
+            if self.on_gpu:
+                extra = (torch.cuda.memory_allocated(self.device) - before) / 2**30
+                log.info("%s loaded: %.2f GiB of GPU memory beyond the weights", self.name, extra)
+            return True
         except Exception as err:  # a stale or corrupt package is compiled again
             log.warning("%s (%s) unusable (%s: %s)", self.name, self.path, type(err).__name__, err)
         self.runner = None
         return False
 
-    def _agrees(self) -> bool:
-        """Compiled vs eager on random inputs: relative error within MAX_RELATIVE_ERROR."""
+    def _check(self) -> dict[str, float] | None:
+        """Compiled vs eager on random inputs: the relative error at each checked size, or None
+        when one is over MAX_RELATIVE_ERROR."""
+        errors: dict[str, float] = {}
         with torch.inference_mode():
             for size in self.dim.checked:
                 inputs = self.example(size)
@@ -229,8 +250,28 @@ class AotPackage:
                 where = f"{self.dim.name} {size}"
                 log.log(level, "%s vs eager: relative error %.3g at %s", self.name, error, where)
                 if error > MAX_RELATIVE_ERROR:
-                    return False
-        return True
+                    return None
+                errors[where] = error
+        return errors
+
+    def _checked_before(self, digest: str) -> bool:
+        """True when the record says this file (by SHA-256) agreed with the eager call."""
+        try:
+            return json.loads(self.record_path.read_text())["package_sha256"] == digest
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def _write_record(self, digest: str, errors: dict[str, float]) -> None:
+        """Record that this file agreed (written atomically). A cache directory that cannot be
+        written only means that the next start checks again."""
+        record = {"package_sha256": digest, "max_relative_error": MAX_RELATIVE_ERROR, "errors": errors}
+        tmp = self.record_path.with_name(f".{self.record_path.name}.{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(record, indent=2))
+            os.replace(tmp, self.record_path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            log.warning("%s: no record written (%s): the next start checks again", self.name, err)
 
     def _compile(self) -> None:
         """Export at the last checked size (``dim`` dynamic), compile, and write the package atomically."""

@@ -1,6 +1,6 @@
 """Compiled packages across worker starts (CPU, tiny models, real AOTInductor): the first worker
-compiles and saves them; a second, with an empty inductor directory, loads every one (the SDXL
-UNet and VAE decode, the three Wan block kinds) and compiles nothing."""
+compiles, checks and saves them; a second, with an empty inductor directory, loads every one (the
+SDXL UNet and VAE decode, the three Wan block kinds), compiles nothing and checks nothing again."""
 
 from __future__ import annotations
 
@@ -62,9 +62,13 @@ def test_second_worker_loads_every_package_and_compiles_nothing(tmp_path: Path) 
         "wan-WanVACETransformerBlock",
     ]
 
+    records = sorted(path.name for path in (tmp_path / "cache").glob("*.checked.json"))
+    assert records == [name.replace(".pt2", ".checked.json") for name in packages]  # each one agreed
+
     second = _start(tmp_path, 2)
     for phase in ("sdxl_aot", "sdxl_vae_aot", "wan_blocks_aot"):
         assert f"warm_up_{phase}_compile_s" not in second["startup"]
         assert f"warm_up_{phase}_load_s" in second["startup"]
+        assert f"warm_up_{phase}_check_s" not in second["startup"]  # checked once, by the first
     assert not second["inductor"]  # inductor lowered nothing
     assert sorted(path.name for path in (tmp_path / "cache").glob("*.pt2")) == packages

@@ -3,6 +3,8 @@ eager for what it was not compiled for, reused by the next worker, rebuilt when 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,13 +89,42 @@ def test_unusable_package_is_compiled_again(
 
 
 def test_package_that_disagrees_leaves_the_eager_unet(
-    sdxl_pipe: Any, package_dir: Path, eager_unet: Any, monkeypatch: pytest.MonkeyPatch
+    sdxl_pipe: Any, package_dir: Path, eager_unet: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    compiled = CompiledUnet(eager_unet, LATENT, tmp_path)
+    shutil.copyfile(package_dir / compiled.package.path.name, compiled.package.path)  # without its record
     monkeypatch.setattr(aot_package, "MAX_RELATIVE_ERROR", -1.0)  # nothing can agree
     monkeypatch.setattr(AotPackage, "_compile", lambda self: None)  # "recompiling" changes nothing
-    compiled = CompiledUnet(eager_unet, LATENT, package_dir)
     compiled.prepare()
     assert "forward" not in eager_unet.__dict__  # the eager UNet still serves
+    assert not compiled.package.record_path.exists()  # and the next start checks again
+
+
+def test_a_package_is_checked_once_per_file(
+    sdxl_pipe: Any, package_dir: Path, eager_unet: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fixture's check left a record of the file's digest: the next start loads it unchecked."""
+    compiled = CompiledUnet(eager_unet, LATENT, package_dir)
+    record = json.loads(compiled.package.record_path.read_text())
+    assert record["package_sha256"] == hashlib.sha256(compiled.package.path.read_bytes()).hexdigest()
+    assert set(record["errors"]) == {"batch 1", "batch 2"}
+    assert all(0 <= error <= aot_package.MAX_RELATIVE_ERROR for error in record["errors"].values())
+    monkeypatch.setattr(aot_package, "MAX_RELATIVE_ERROR", -1.0)  # a check now would fail
+    timings = compiled.prepare()
+    assert "aot_check" not in timings and "aot_load" in timings
+    assert eager_unet.forward == compiled.forward  # the package serves
+
+
+def test_a_package_unlike_its_record_is_checked_again(
+    sdxl_pipe: Any, package_dir: Path, eager_unet: Any, tmp_path: Path
+) -> None:
+    compiled = CompiledUnet(eager_unet, LATENT, tmp_path)
+    shutil.copyfile(package_dir / compiled.package.path.name, compiled.package.path)
+    compiled.package.record_path.write_text(json.dumps({"package_sha256": "0" * 64, "errors": {}}))
+    timings = compiled.prepare()
+    assert "aot_check" in timings and eager_unet.forward == compiled.forward
+    digest = hashlib.sha256(compiled.package.path.read_bytes()).hexdigest()
+    assert json.loads(compiled.package.record_path.read_text())["package_sha256"] == digest
 
 
 def test_worker_serves_1024_jobs_from_the_package(s3: Any, s3_endpoint: str, package_dir: Path) -> None:

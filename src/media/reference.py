@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from requests import RequestException, Response
-from runpod.serverless.utils.rp_ssrf import SSRFError, iter_content_capped, safe_get
 
 from src.contract import JobError
+from src.runpod_sdk import rp_ssrf
 from src.settings import Settings
 
 _CHUNK = 64 * 1024
@@ -47,8 +47,8 @@ def fetch_reference(url: str, field: str, limits: FetchLimits) -> Image.Image:
 
 def _download(url: str, field: str, limits: FetchLimits) -> bytes:
     try:
-        response = safe_get(url, timeout=limits.timeout_s, max_bytes=limits.max_bytes)
-    except SSRFError as err:
+        response = rp_ssrf.safe_get(url, timeout=limits.timeout_s, max_bytes=limits.max_bytes)
+    except rp_ssrf.SSRFError as err:
         raise JobError(field, _refusal(err, limits)) from None
     except RequestException as err:
         raise JobError(field, f"could not fetch the reference image: {type(err).__name__}") from None
@@ -60,8 +60,8 @@ def _download(url: str, field: str, limits: FetchLimits) -> bytes:
         with response:
             if response.status_code != 200:
                 raise JobError(field, f"could not fetch the reference image: HTTP {response.status_code}")
-            return b"".join(iter_content_capped(response, _CHUNK, limits.max_bytes))
-    except SSRFError as err:
+            return b"".join(rp_ssrf.iter_content_capped(response, _CHUNK, limits.max_bytes))
+    except rp_ssrf.SSRFError as err:
         raise JobError(field, _refusal(err, limits)) from None
     except (RequestException, OSError) as err:
         if timed_out.is_set():
@@ -71,7 +71,7 @@ def _download(url: str, field: str, limits: FetchLimits) -> bytes:
         watchdog.cancel()
 
 
-def _refusal(err: SSRFError, limits: FetchLimits) -> str:
+def _refusal(err: rp_ssrf.SSRFError, limits: FetchLimits) -> str:
     if "size cap" in str(err):
         return f"reference image is larger than {limits.max_bytes} bytes"
     return f"refused to fetch the reference image: {err}"
