@@ -47,20 +47,20 @@ class Settings(BaseSettings):
         "auto",
         description="Run AOT-compiled code (AOTInductor packages; `auto`: on CUDA only): the Wan "
         "transformer blocks at every video size, and the SDXL UNet and VAE decode with COMPILE_SDXL. The "
-        "first start compiles the packages into COMPILE_CACHE_DIR; later starts load them. Jobs never "
-        "compile: what a package does not cover runs eagerly.",
+        "first start compiles the packages into COMPILE_CACHE_DIR and checks each against the eager model; "
+        "later starts load them, unchecked. Jobs never compile: what a package does not cover runs eagerly.",
     )
     compile_sdxl: bool = Field(
         True,
         description="With COMPILE on, also run the SDXL UNet and VAE decode AOT-compiled at 1024x1024, "
-        "every batch size: 2.0-2.7x faster end to end than plain diffusers on an H100; the first start "
-        "compiles them (7-9 minutes, once per GPU type and version), later starts load them in under "
-        "a second from COMPILE_CACHE_DIR.",
+        "every batch size: 1.6x faster end to end than plain diffusers on an H200, 2.0-2.7x on an H100; the "
+        "first start compiles them (4-9 minutes, once per GPU type and version), later starts load them in "
+        "under a second from COMPILE_CACHE_DIR.",
     )
     compile_cache_dir: Path | None = Field(
         None,
-        description="Where the compiled packages are saved and reloaded (default MODELS_DIR/compile-cache); "
-        "point it at a network volume to share them between workers.",
+        description="Where the compiled packages and the records of their checks are saved and reloaded "
+        "(default MODELS_DIR/compile-cache); point it at a network volume to share them between workers.",
     )
     cuda_graphs: bool = Field(
         True,

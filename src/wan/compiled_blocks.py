@@ -224,19 +224,16 @@ class CompiledBlocks:
         at = set(kind.token_inputs())
 
         def dynamic_shapes(dim: torch.export.Dim) -> tuple[list[Any], list[None]]:
-            return [{1: dim} if i in at else None for i in range(len(kind.template))], [None] * len(
-                kind.names
-            )
+            """The tokens of the inputs that have them; the weights static."""
+            inputs = [{1: dim} if i in at else None for i in range(len(kind.template))]
+            return inputs, [None] * len(kind.names)
 
         return AotPackage(
             f"wan-{kind.name}",
             _BlockCall(kind.blocks[0], kind.names),
             kind.example,
             DynamicDim("tokens", 2, self.max_tokens, checked=(recorded, self.tuned_tokens)),
-            lambda dim: (
-                [{1: dim} if i in at else None for i in range(len(kind.template))],
-                [None] * len(kind.names),
-            ),
+            dynamic_shapes,
             identity,
             self.cache_dir,
             kind.device,
