@@ -10,7 +10,9 @@
 #   plain:  plain diffusers on the same models, every job;
 #   start1..3: three more cold starts with every package present.
 # With AB=dir, each cold start is followed by one of the checkout in dir (an earlier commit,
-# from `git archive`), sharing the models and the compile cache.
+# from `git archive`), sharing the models and the compile cache. The device tool sends the tree
+# anew with each call and drops ignored folders a call does not carry: carry dir in
+# every call while this runs (.whl only in the first: its packages are unpacked under /tmp).
 set -euo pipefail
 out=${1:-/tmp/bench-out}
 models=/tmp/bm

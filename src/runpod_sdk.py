@@ -1,10 +1,10 @@
 """The runpod SDK, imported without the CPU probe it runs at import time.
 
-When ``runpod.serverless.utils.rp_debugger`` is imported, it calls py-cpuinfo's
-``get_cpu_info()``, only for the processor's name in ``--rp_debugger`` output. That call starts
-a second Python interpreter: 1.2 s of every cold start (docs/PERFORMANCE.md). While runpod is
-imported here, the name is read from /proc/cpuinfo instead; py-cpuinfo is restored afterwards.
-The worker imports runpod only through this module.
+When ``runpod.serverless.utils.rp_debugger`` is imported, it calls ``get_cpu_info()`` of
+py-cpuinfo (a dependency of runpod), only for the processor's name in ``--rp_debugger`` output.
+That call starts a second Python interpreter: about 1 s of every cold start (docs/PERFORMANCE.md).
+While runpod is imported here, the name is read from /proc/cpuinfo instead; py-cpuinfo is
+restored afterwards. The worker imports runpod only through this module.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import platform
 import cpuinfo
 
 
-def processor_name() -> dict[str, str]:
+def _processor_name() -> dict[str, str]:
     """What rp_debugger reads of ``get_cpu_info()``: the processor's name (``brand_raw``)."""
     try:
         with open("/proc/cpuinfo") as lines:
@@ -27,11 +27,11 @@ def processor_name() -> dict[str, str]:
 
 
 _probe = cpuinfo.get_cpu_info
-cpuinfo.get_cpu_info = processor_name
+cpuinfo.get_cpu_info = _processor_name
 try:
     import runpod
     from runpod.serverless.utils import rp_ssrf
 finally:
     cpuinfo.get_cpu_info = _probe
 
-__all__ = ["processor_name", "rp_ssrf", "runpod"]
+__all__ = ["rp_ssrf", "runpod"]
