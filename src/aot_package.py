@@ -214,29 +214,33 @@ class AotPackage:
         return runner
 
     def _load_checked(self, timings: dict[str, float], prefix: str) -> bool:
-        """Load the package and check it against the eager call, unless this very file was checked
-        before (its record); False (logged) when loading or the check fails."""
+        """Load the package and check it against the eager call (once per file); False (logged)
+        when either fails."""
         try:
             before = torch.cuda.memory_allocated(self.device) if self.on_gpu else 0
             self.runner = timed_phase(timings, f"{prefix}_load", self._load_runner)
-            digest = _file_sha256(self.path)
-            if self._checked_before(digest):
-                log.info("%s: checked against the eager call before (%s)", self.name, self.record_path.name)
-            else:
-                errors = timed_phase(timings, f"{prefix}_check", self._check)
-                if errors is None:
-                    log.warning("%s (%s) disagrees with the eager call", self.name, self.path)
-                    self.runner = None
-                    return False
-                self._write_record(digest, errors)
-            if self.on_gpu:
-                extra = (torch.cuda.memory_allocated(self.device) - before) / 2**30
-                log.info("%s loaded: %.2f GiB of GPU memory beyond the weights", self.name, extra)
-            return True
+            if self._agrees_once(timings, prefix):
+                if self.on_gpu:
+                    extra = (torch.cuda.memory_allocated(self.device) - before) / 2**30
+                    log.info("%s loaded: %.2f GiB of GPU memory beyond the weights", self.name, extra)
+                return True
+            log.warning("%s (%s) disagrees with the eager call", self.name, self.path)
         except Exception as err:  # a stale or corrupt package is compiled again
             log.warning("%s (%s) unusable (%s: %s)", self.name, self.path, type(err).__name__, err)
         self.runner = None
         return False
+
+    def _agrees_once(self, timings: dict[str, float], prefix: str) -> bool:
+        """True when this very file agreed before (its record), or agrees now (then recorded)."""
+        digest = _file_sha256(self.path)
+        if self._checked_before(digest):
+            log.info("%s: checked against the eager call before (%s)", self.name, self.record_path.name)
+            return True
+        errors = timed_phase(timings, f"{prefix}_check", self._check)
+        if errors is None:
+            return False
+        self._write_record(digest, errors)
+        return True
 
     def _check(self) -> dict[str, float] | None:
         """Compiled vs eager on random inputs: the relative error at each checked size, or None
