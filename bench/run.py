@@ -220,7 +220,6 @@ def phase_worker(
     spawned = float(os.environ["BENCH_SPAWNED_AT"])
     import torch
 
-    from src import families
     from src.settings import load_settings
     from src.worker import start_worker
 
@@ -231,7 +230,7 @@ def phase_worker(
     out["startup"] = {
         "process_to_ready_s": round(ready - spawned, 2),
         "python_and_imports_s": round(imported - spawned, 2),
-        **families.STARTUP,
+        **worker.startup,
     }
     out["resident_gib"] = _gib(torch.cuda.memory_allocated())
     out["reserved_gib"] = _gib(torch.cuda.memory_reserved())

@@ -19,7 +19,6 @@ from src.settings import Settings
 
 log = logging.getLogger(__name__)
 
-CUDNN_BACKEND = "_native_cudnn"
 ATTENTION_BACKENDS = {"cudnn": "_native_cudnn", "flash": "_native_flash", "native": None}
 # The PyTorch SDPA kernel each diffusers backend calls (what a compiled graph must call too).
 SDPA_KERNELS = {"_native_cudnn": SDPBackend.CUDNN_ATTENTION, "_native_flash": SDPBackend.FLASH_ATTENTION}
@@ -31,9 +30,9 @@ def configure_cuda_allocator() -> None:
     """Expandable segments in PyTorch's CUDA allocator, unless its variables are set already.
 
     With both families resident, the SDXL and Wan jobs' differently sized buffers fragmented the
-    cache: on the H100 the reserved peak went from 39.24 GiB (42.1 GB) to 35.49 GiB with this,
-    allocated memory and speed unchanged (docs/PERFORMANCE.md). PyTorch reads the variable when
-    CUDA first allocates, so this runs before any model loads.
+    cache; with this, the reserved peak is lower, allocated memory and speed unchanged
+    (docs/PERFORMANCE.md). PyTorch reads the variable when CUDA first allocates, so this runs
+    before any model loads.
     """
     if not any(name in os.environ for name in ALLOCATOR_VARIABLES):
         os.environ[ALLOCATOR_VARIABLES[0]] = ALLOCATOR_CONFIG
@@ -46,11 +45,16 @@ def compile_enabled(settings: Settings, device: str) -> bool:
     return settings.compile == "on"
 
 
+def required_settings(settings: Settings) -> frozenset[str]:
+    """The fast-path settings explicitly on, whose paths must serve (``COMPILE=on``)."""
+    return frozenset({"COMPILE"}) if settings.compile == "on" else frozenset()
+
+
 def attention_backend(settings: Settings, device: str) -> str | None:
     """The diffusers attention backend to use for Wan, or None for PyTorch's default SDPA."""
     choice = settings.attention_backend
     if choice == "auto":
-        return CUDNN_BACKEND if device.startswith("cuda") else None
+        return ATTENTION_BACKENDS["cudnn"] if device.startswith("cuda") else None
     return ATTENTION_BACKENDS[choice]
 
 
@@ -77,7 +81,7 @@ def conv3d_channels_last(model: torch.nn.Module) -> None:
     """Store the 3-D convolutions' weights channels-last (NDHWC); their other parameters stay.
 
     cuDNN then runs them without transposing each activation to NDHWC and back: the Wan VAE
-    decode of 81 frames at 832x480 took 3.01 s instead of 3.24 s on the H100 (bench/probe.py).
+    decode is faster (docs/PERFORMANCE.md).
     """
     for module in model.modules():
         if isinstance(module, torch.nn.Conv3d):

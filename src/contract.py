@@ -2,8 +2,13 @@
 
 RunPod delivers ``{"id": <runpod id>, "input": <payload>}``. The payload carries
 ``id`` (the platform's job id), ``type``, ``prompt``, ``negative_prompt``,
-``user_id``, ``config`` and ``metadata``. Family modules validate ``config`` and
-``metadata`` further with :func:`parse_section`.
+``user_id``, ``config`` and ``metadata``. Each family validates ``config`` and
+``metadata`` further with its own models (:func:`parse_section`); every field has a
+``description``, which ``docs/job.schema.json`` (``make schema``) publishes.
+
+Keys accepted in both ``config`` and ``metadata`` (``denoise_strength``,
+``exact_copy_mode``, the Wan references) follow one rule: **metadata wins**
+(:func:`metadata_first`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ log = logging.getLogger(__name__)
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 10_000
+MAX_URL_CHARS = 4096
+
+T = TypeVar("T")
 
 
 class JobError(Exception):
@@ -29,50 +37,89 @@ class JobError(Exception):
         self.reason = reason
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     """Base for payload sections: JSON types only (no "3" for 3, no true for 1),
-    unknown keys ignored, NaN and infinity refused."""
+    unknown keys ignored here (the worker reports them), NaN and infinity refused."""
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, frozen=True, strict=True)
 
 
-class JobRequest(_Section):
-    """The top level of a job payload."""
+class JobRequest(Section):
+    """The top level of a job payload (RunPod's ``input``)."""
 
-    id: str = Field(pattern=ID_PATTERN)
-    type: str = Field(min_length=1, max_length=64)
-    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    user_id: str = Field(pattern=ID_PATTERN)
-    config: dict[str, Any] = Field(default_factory=dict)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    id: str = Field(
+        pattern=ID_PATTERN,
+        description="Your job id, used in storage keys ({user_id}/{id}/...). Defaults to RunPod's job id.",
+    )
+    type: str = Field(
+        min_length=1, max_length=64, description="The job type: what to generate, on which model."
+    )
+    prompt: str | None = Field(
+        None,
+        max_length=MAX_PROMPT_CHARS,
+        description="What to generate. Required, except in SDXL's exact copy mode.",
+    )
+    negative_prompt: str | None = Field(
+        None, max_length=MAX_PROMPT_CHARS, description="What to steer away from. Optional."
+    )
+    user_id: str = Field(
+        pattern=ID_PATTERN, description="Your user's id: the first part of every storage key."
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="Generation settings; the keys depend on the job type."
+    )
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Reference images and their settings; any other key is yours and is ignored.",
+    )
 
 
-class GenerationConfig(_Section):
+class GenerationConfig(Section):
     """``config`` keys shared by every family."""
 
-    num_inference_steps: int | None = Field(None, ge=1, le=150)
-    guidance_scale: float | None = Field(None, ge=0, le=30)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    width: int | None = Field(None, gt=0)
-    height: int | None = Field(None, gt=0)
-    resolution: str | None = Field(None, pattern=r"^\d{1,5}x\d{1,5}$")
-    denoise_strength: float | None = Field(None, ge=0, le=1)
-    exact_copy_mode: bool | None = None
+    num_inference_steps: int | None = Field(
+        None, ge=1, le=150, description="Denoising steps that run, 1-150. Default: per job type."
+    )
+    guidance_scale: float | None = Field(
+        None, ge=0, le=30, description="Classifier-free guidance scale, 0-30. Default: per job type."
+    )
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Random seed, 0-4294967295. Default: a random one, reported."
+    )
+    width: int | None = Field(None, gt=0, description="Output width in pixels; give height too.")
+    height: int | None = Field(None, gt=0, description="Output height in pixels; give width too.")
+    resolution: str | None = Field(
+        None,
+        pattern=r"^\d{1,5}x\d{1,5}$",
+        description='Output size as "WIDTHxHEIGHT" (e.g. "1024x768"), instead of width and height.',
+    )
+    denoise_strength: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Reference jobs: how much is regenerated, 0-1 (metadata.denoise_strength wins).",
+    )
 
 
-class ReferenceMetadata(_Section):
-    """``metadata`` keys the worker reads; everything else is the platform's own."""
+class ReferenceMetadata(Section):
+    """``metadata`` keys every family reads; everything else is the platform's own."""
 
-    reference_image_url: str | None = Field(None, min_length=1, max_length=4096)
-    start_reference_url: str | None = Field(None, min_length=1, max_length=4096)
-    end_reference_url: str | None = Field(None, min_length=1, max_length=4096)
-    denoise_strength: float | None = Field(None, ge=0, le=1)
-    reference_strength: float | None = Field(None, ge=0, le=1)
-    exact_copy_mode: bool | None = None
+    reference_image_url: str | None = Field(
+        None, min_length=1, max_length=MAX_URL_CHARS, description="URL of a reference image (http or https)."
+    )
+    denoise_strength: float | None = Field(
+        None, ge=0, le=1, description="Reference jobs: how much is regenerated, 0-1 (wins over config)."
+    )
+    reference_strength: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Deprecated: used as denoise_strength = 1 - reference_strength when no "
+        "denoise_strength is given (logged).",
+    )
 
 
-Section = TypeVar("Section", bound=BaseModel)
+Model = TypeVar("Model", bound=BaseModel)
 
 
 _PATTERN_HINTS = {
@@ -94,7 +141,7 @@ def _describe(err: ValidationError, prefix: str) -> JobError:
     return JobError(path or "input", reason)
 
 
-def parse_section(model: type[Section], data: Any, prefix: str = "") -> Section:
+def parse_section(model: type[Model], data: Any, prefix: str = "") -> Model:
     """Validate ``data`` as ``model``; errors name the field under ``prefix``."""
     if not isinstance(data, dict):
         raise JobError(prefix or "input", "must be a JSON object")
@@ -112,6 +159,11 @@ def parse_request(job: dict[str, Any]) -> JobRequest:
     if payload.get("id") in (None, ""):
         payload = {**payload, "id": job.get("id")}
     return parse_section(JobRequest, payload)
+
+
+def metadata_first(metadata_value: T | None, config_value: T | None) -> T | None:
+    """The one precedence rule for keys accepted in both sections: metadata wins over config."""
+    return config_value if metadata_value is None else metadata_value
 
 
 def resolve_size(
@@ -141,11 +193,10 @@ def resolve_size(
 
 
 def resolve_denoise(metadata: ReferenceMetadata, config: GenerationConfig, default: float) -> float:
-    """``denoise_strength`` from metadata, else config, else the legacy ``reference_strength``."""
-    if metadata.denoise_strength is not None:
-        return metadata.denoise_strength
-    if config.denoise_strength is not None:
-        return config.denoise_strength
+    """``denoise_strength`` (metadata first), else the legacy ``reference_strength``, else ``default``."""
+    denoise = metadata_first(metadata.denoise_strength, config.denoise_strength)
+    if denoise is not None:
+        return denoise
     if metadata.reference_strength is None:
         return default
     denoise = round(1.0 - metadata.reference_strength, 6)

@@ -1,63 +1,101 @@
-"""The model families this worker can load, by name."""
+"""The model families a worker can load: their protocol, the registry, loading and warming them."""
 
 from __future__ import annotations
 
+import importlib
 import logging
-import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
-from src.sdxl.plan import DEFAULTS as SDXL_TYPES
-from src.settings import Settings
-from src.wan.plan import DEFAULTS as WAN_TYPES
-from src.worker import ModelFamily
+from pydantic import BaseModel
+
+from src.settings import Settings, StartupError
+from src.timing import Phases
 
 if TYPE_CHECKING:
-    from src.sdxl.family import SdxlFamily
-    from src.wan.family import WanFamily
+    from src.contract import JobRequest
+    from src.fast_path import FastPaths
+    from src.media.assets import Generation
+    from src.progress import Progress
 
 log = logging.getLogger(__name__)
 
-JOB_TYPES = {"sdxl": frozenset(SDXL_TYPES), "wan": frozenset(WAN_TYPES)}
-ALL_JOB_TYPES = frozenset().union(*JOB_TYPES.values())
+# Family name (as in WORKER_MODELS) -> "module:class", imported only when needed (diffusers, torch).
+REGISTRY = {"sdxl": "src.sdxl.family:SdxlFamily", "wan": "src.wan.family:WanFamily"}
 
 
-# What the last start-up took, for logs and the benchmark: seconds per phase and family.
-STARTUP: dict[str, object] = {}
+class ModelFamily(Protocol):
+    """A family of models (SDXL, Wan) that serves some job types."""
+
+    name: str
+    job_types: frozenset[str]
+    config_model: type[BaseModel]  # the job's ``config``
+    metadata_model: type[BaseModel]  # the ``metadata`` keys the family reads
+    fast_paths: FastPaths
+
+    @classmethod
+    def load(cls, settings: Settings) -> ModelFamily:
+        """Load the weights (once, at start-up)."""
+
+    def warm_up(self, phases: Phases) -> None:
+        """Prepare the fast paths and run the models once, so the first job pays no first-call cost."""
+
+    def plan(self, request: JobRequest) -> Any:
+        """Validate the family-specific payload; raise JobError naming the field."""
+
+    def generate(self, plan: Any, progress: Progress) -> Generation:
+        """Run the models for a plan."""
 
 
-def load_families(settings: Settings) -> list[ModelFamily]:
+def check_names(names: list[str]) -> None:
+    """Raise StartupError naming WORKER_MODELS for a name not in REGISTRY."""
+    for name in names:
+        if name not in REGISTRY:
+            raise StartupError(
+                f"WORKER_MODELS: unknown model family {name!r}; expected one of: {', '.join(REGISTRY)}"
+            )
+
+
+def family_class(name: str) -> type[ModelFamily]:
+    """The class of the family called ``name`` (imported now)."""
+    check_names([name])
+    module, _, attribute = REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def all_job_types() -> dict[str, str]:
+    """Every job type any family serves -> its family's name."""
+    return {job_type: name for name in REGISTRY for job_type in family_class(name).job_types}
+
+
+def load_families(settings: Settings) -> tuple[list[ModelFamily], dict[str, Any]]:
     """Load and warm every family named in WORKER_MODELS, once, at start-up.
 
-    With COMPILE on, the warm-ups load the compiled packages (compiling them the first time).
+    Returns the families and the start-up record: seconds per phase (``load_<family>_s``,
+    ``warm_up_<family>_<phase>_s``, ...) and ``fast_paths``, what each fast path does
+    (``serving``, or ``eager: <why>``). With COMPILE on, the warm-ups load the compiled packages
+    (compiling them the first time).
     """
-    STARTUP.clear()
+    check_names(settings.worker_models)  # before any model loads
+    phases = Phases()
     families: list[ModelFamily] = []
     for name in settings.worker_models:
-        started = time.perf_counter()
-        family_class = _family_class(name)  # the first import of diffusers and transformers: seconds
-        imported = time.perf_counter()
-        families.append(family_class.load(settings))
-        STARTUP[f"load_{name}_s"] = round(time.perf_counter() - started, 2)
-        STARTUP[f"load_{name}_imports_s"] = round(imported - started, 2)
+        with phases.phase(f"load_{name}"):
+            with phases.phase(f"load_{name}_imports"):  # the first import of diffusers and transformers
+                cls = family_class(name)
+            families.append(cls.load(settings))
+    fast_paths: dict[str, str] = {}
     for family in families:
-        started = time.perf_counter()
-        phases = family.warm_up()
-        STARTUP[f"warm_up_{family.name}_s"] = round(time.perf_counter() - started, 2)
-        STARTUP.update({f"warm_up_{family.name}_{phase}_s": seconds for phase, seconds in phases.items()})
+        warm_up = Phases()
+        with phases.phase(f"warm_up_{family.name}"):
+            family.warm_up(warm_up)
+        phases.seconds.update({f"warm_up_{family.name}_{phase}": s for phase, s in warm_up.seconds.items()})
+        fast_paths.update(family.fast_paths.status)
         log.info(
-            "%s ready: load %.1f s, warm-up %.1f s",
+            "%s ready: load %.1f s, warm-up %.1f s; fast paths: %s",
             family.name,
-            STARTUP[f"load_{family.name}_s"],
-            STARTUP[f"warm_up_{family.name}_s"],
+            phases.seconds[f"load_{family.name}"],
+            phases.seconds[f"warm_up_{family.name}"],
+            ", ".join(f"{path} {status}" for path, status in family.fast_paths.status.items()) or "none",
         )
-    return families
-
-
-def _family_class(name: str) -> type[SdxlFamily] | type[WanFamily]:
-    if name == "sdxl":
-        from src.sdxl.family import SdxlFamily
-
-        return SdxlFamily
-    from src.wan.family import WanFamily
-
-    return WanFamily
+    record: dict[str, Any] = {f"{phase}_s": seconds for phase, seconds in phases.seconds.items()}
+    return families, {**record, "fast_paths": fast_paths}

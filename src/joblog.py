@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 from typing import Any
+
+from src.timing import Stopwatch
 
 log = logging.getLogger("worker.job")
 
@@ -34,7 +35,7 @@ class JobLog:
     def __init__(self, job_id: str | None, job_type: Any) -> None:
         self.job_id = job_id
         self.job_type = job_type if isinstance(job_type, str) else None
-        self._started = self._last = time.perf_counter()
+        self._clock = Stopwatch()
 
     def bind(self, job_id: str, job_type: str) -> None:
         """Use the validated id and type from now on."""
@@ -42,16 +43,15 @@ class JobLog:
 
     def stage(self, stage: str, level: int = logging.INFO, **fields: Any) -> float:
         """Log one stage; returns the seconds since the job started."""
-        now = time.perf_counter()
+        stage_s, elapsed_s = self._clock.lap()
         record = {
             "event": "job",
             "stage": stage,
             "job_id": self.job_id,
             "type": self.job_type,
-            "stage_s": round(now - self._last, 3),
-            "elapsed_s": round(now - self._started, 3),
+            "stage_s": round(stage_s, 3),
+            "elapsed_s": round(elapsed_s, 3),
             **fields,
         }
-        self._last = now
         log.log(level, redact(json.dumps(record, ensure_ascii=False, default=str)))
-        return now - self._started
+        return elapsed_s

@@ -12,7 +12,7 @@ from src.settings import Settings, StartupError
 TINY_SUBDIR = "tiny"
 
 
-def straight_to(device: str) -> dict[str, str]:
+def device_map_kwargs(device: str) -> dict[str, str]:
     """``from_pretrained`` arguments that load weights straight onto the GPU (diffusers' and
     transformers' ``device_map``) instead of into CPU memory first; none elsewhere."""
     return {"device_map": device} if device == "cuda" else {}

@@ -2,7 +2,7 @@
 
 When ``runpod.serverless.utils.rp_debugger`` is imported, it calls ``get_cpu_info()`` of
 py-cpuinfo (a dependency of runpod), only for the processor's name in ``--rp_debugger`` output.
-That call starts a second Python interpreter: about 1 s of every cold start (docs/PERFORMANCE.md).
+That call starts a second Python interpreter on every cold start (its cost: docs/PERFORMANCE.md).
 While runpod is imported here, the name is read from /proc/cpuinfo instead; py-cpuinfo is
 restored afterwards. The worker imports runpod only through this module.
 """

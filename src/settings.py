@@ -8,8 +8,6 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-Family = Literal["sdxl", "wan"]
-
 
 class StartupError(RuntimeError):
     """The worker cannot start as configured; the message says what to fix."""
@@ -20,42 +18,59 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, env_ignore_empty=True)
 
-    models_dir: Path = Field(Path("/models"), description="Where the baked model weights live.")
-    worker_models: Annotated[list[Family], NoDecode] = Field(
-        default=["sdxl", "wan"], description="Model families to load and warm, comma-separated."
+    models_dir: Path = Field(
+        Path("/models"), description="Where the baked model weights live (`sdxl/`, `wan-t2v/`, `wan-vace/`)."
+    )
+    worker_models: Annotated[list[str], NoDecode] = Field(
+        default=["sdxl", "wan"],
+        description="Model families to load and warm at start, comma-separated: `sdxl`, `wan`.",
     )
     model_profile: Literal["full", "tiny"] = Field(
-        "full", description="`full`: real weights from MODELS_DIR. `tiny`: small random models."
+        "full",
+        description="`full`: real weights from MODELS_DIR, refuse to start if missing. `tiny`: small random "
+        "models of the same classes, built on first use under MODELS_DIR/tiny (CPU development, tests).",
     )
     device: str = Field("auto", description="`auto` (CUDA when present), `cuda` or `cpu`.")
 
-    bucket_endpoint_url: str | None = None
-    bucket_access_key_id: str | None = None
-    bucket_secret_access_key: str | None = None
-    bucket_name: str = "workspace-temp"
-    bucket_region: str | None = None
-    local_storage_dir: Path | None = None
-    storage_timeout_s: float = Field(30.0, gt=0, description="Connect/read timeout of one S3 request.")
-    storage_max_attempts: int = Field(5, ge=1, le=20, description="Attempts per S3 request (with backoff).")
+    bucket_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint URL, without the bucket (AWS, R2, MinIO, Spaces...)."
+    )
+    bucket_access_key_id: str | None = Field(None, description="Access key of the bucket.")
+    bucket_secret_access_key: str | None = Field(None, description="Secret key of the bucket.")
+    bucket_name: str = Field(
+        "workspace-temp", description="Bucket the assets go to; the first part of every URL."
+    )
+    bucket_region: str | None = Field(None, description="Region for request signing (default us-east-1).")
+    local_storage_dir: Path | None = Field(
+        None, description="Write the same keys under this directory instead of a bucket (development)."
+    )
+    storage_timeout_s: float = Field(30.0, gt=0, description="Connect and read timeout of one S3 request.")
+    storage_max_attempts: int = Field(
+        5, ge=1, le=20, description="Attempts per S3 request; transient faults are retried with backoff."
+    )
 
-    max_reference_bytes: int = Field(20 * 1024 * 1024, gt=0)
-    max_reference_pixels: int = Field(40_000_000, gt=0)
-    reference_timeout_s: float = Field(20.0, gt=0)
-    progress_interval_s: float = Field(2.0, ge=0)
+    max_reference_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest reference image download.")
+    max_reference_pixels: int = Field(
+        40_000_000, gt=0, description="Largest reference image in pixels, checked before decoding."
+    )
+    reference_timeout_s: float = Field(20.0, gt=0, description="Time allowed for one reference download.")
+    progress_interval_s: float = Field(
+        2.0, ge=0, description="At most one progress update per interval (RunPod's /status shows it)."
+    )
 
     compile: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="Run AOT-compiled code (AOTInductor packages; `auto`: on CUDA only): the Wan "
-        "transformer blocks at every video size, and the SDXL UNet and VAE decode with COMPILE_SDXL. The "
-        "first start compiles the packages into COMPILE_CACHE_DIR and checks each against the eager model; "
-        "later starts load them, unchecked. Jobs never compile: what a package does not cover runs eagerly.",
+        description="Run AOT-compiled code (AOTInductor packages): the Wan transformer blocks at every video "
+        "size, and the SDXL UNet and VAE decode with COMPILE_SDXL. `auto`: on CUDA only, and a package "
+        "that cannot serve leaves that model eager (said in the start-up log); `on`: the worker refuses to "
+        "start if a package cannot serve; `off`: eager. The first start compiles the packages into "
+        "COMPILE_CACHE_DIR and checks each against the eager model; later starts load them. Jobs never "
+        "compile: what a package does not cover runs eagerly. Timings: docs/PERFORMANCE.md.",
     )
     compile_sdxl: bool = Field(
         True,
-        description="With COMPILE on, also run the SDXL UNet and VAE decode AOT-compiled at 1024x1024, "
-        "every batch size: 1.6x faster end to end than plain diffusers on an H200, 2.0-2.7x on an H100; the "
-        "first start compiles them (4-9 minutes, once per GPU type and version), later starts load them in "
-        "under a second from COMPILE_CACHE_DIR.",
+        description="With COMPILE on, also run the SDXL UNet and VAE decode AOT-compiled for 1024x1024 "
+        "images, every batch size; other sizes run eagerly.",
     )
     compile_cache_dir: Path | None = Field(
         None,
@@ -65,7 +80,7 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(
         True,
         description="On CUDA, replay the SDXL text encoders from CUDA graphs captured at start-up: the "
-        "same kernels, without launching each from Python (51 -> 7 ms per SDXL job on an H100).",
+        "same kernels, without launching each from Python.",
     )
     attention_backend: Literal["auto", "cudnn", "flash", "native"] = Field(
         "auto",
@@ -82,7 +97,7 @@ class Settings(BaseSettings):
 
     @field_validator("worker_models")
     @classmethod
-    def _dedupe_families(cls, value: list[Family]) -> list[Family]:
+    def _dedupe_families(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("name at least one of: sdxl, wan")
         return list(dict.fromkeys(value))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from src import acceleration
-from src.models import straight_to
+from src.media.images import to_uint8
+from src.models import device_map_kwargs
 from src.settings import Settings
 
 
@@ -63,17 +64,21 @@ def test_compiled_attention_uses_the_configured_kernel(backend: str | None, kern
     assert {name: getattr(torch.backends.cuda, name)() for name in kernels} == before
 
 
-def test_frames_converted_on_device_match_the_numpy_path() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_frames_converted_on_device_match_the_numpy_path(dtype: torch.dtype) -> None:
     frames = torch.rand(5, 3, 16, 24) * 1.2 - 0.1  # (T, C, H, W) in [0, 1] plus out-of-range values
     frames[0, 0, 0, :4] = torch.tensor([0.5 / 255, 1.5 / 255, 2.5 / 255, 254.5 / 255])  # ties
-    expected = (np.clip(frames.permute(0, 2, 3, 1).numpy(), 0.0, 1.0) * 255).round().astype(np.uint8)
-    video = frames.float().clamp(0.0, 1.0).mul(255).round().to(torch.uint8)
-    np.testing.assert_array_equal(video.permute(0, 2, 3, 1).contiguous().numpy(), expected)
+    frames = frames.to(dtype)
+    # diffusers' numpy_to_pil arithmetic, in float32 numpy: clip, x255, round half to even
+    expected = (np.clip(frames.float().permute(0, 2, 3, 1).numpy(), 0.0, 1.0) * 255).round().astype(np.uint8)
+    got = to_uint8(frames)
+    assert got.dtype == np.uint8 and got.shape == (5, 16, 24, 3)
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_weights_load_straight_onto_the_gpu_only() -> None:
-    assert straight_to("cuda") == {"device_map": "cuda"}  # no copy in CPU memory first
-    assert straight_to("cpu") == {} and straight_to("cuda:1") == {}  # .to() places those
+    assert device_map_kwargs("cuda") == {"device_map": "cuda"}  # no copy in CPU memory first
+    assert device_map_kwargs("cpu") == {} and device_map_kwargs("cuda:1") == {}  # .to() places those
 
 
 def test_conv3d_channels_last_decodes_the_same_video(s3_endpoint: str) -> None:

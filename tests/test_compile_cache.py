@@ -16,7 +16,6 @@ from tests.conftest import REPO, TEST_MODELS_DIR
 START = """
 import json, sys
 from pathlib import Path
-from src import families
 from src import aot_package
 from src.settings import Settings
 from src.wan import family as wan
@@ -29,8 +28,8 @@ settings = Settings(
     models_dir=Path(sys.argv[1]), model_profile="tiny", worker_models=["sdxl", "wan"], device="cpu",
     local_storage_dir=Path(sys.argv[2]) / "out", compile="on", compile_cache_dir=Path(sys.argv[2]) / "cache",
 )
-start_worker(settings)
-print(json.dumps({"startup": families.STARTUP, "inductor": dict(counters["inductor"])}))
+worker = start_worker(settings)
+print(json.dumps({"startup": worker.startup, "inductor": dict(counters["inductor"])}))
 """
 
 
@@ -71,4 +70,6 @@ def test_second_worker_loads_every_package_and_compiles_nothing(tmp_path: Path) 
         assert f"warm_up_{phase}_load_s" in second["startup"]
         assert f"warm_up_{phase}_check_s" not in second["startup"]  # checked once, by the first
     assert not second["inductor"]  # inductor lowered nothing
+    assert set(second["startup"]["fast_paths"].values()) == {"serving"}
+    assert len(second["startup"]["fast_paths"]) == 5
     assert sorted(path.name for path in (tmp_path / "cache").glob("*.pt2")) == packages

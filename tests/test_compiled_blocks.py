@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from src.fast_path import FastPaths, UnavailableError
+from src.timing import Phases
 from src.wan import family as wan
-from src.wan.compiled_blocks import CompiledBlocks
+from src.wan.compiled_blocks import BlockKind, block_kinds
 from tests.conftest import tiny_settings
 
 STEPS = 2
@@ -42,16 +44,21 @@ def families(tmp_path_factory: pytest.TempPathFactory, fast_aot_build: None) -> 
     patch.setattr(wan, "TUNED_FOR", (64, 64, 9))
     directory = tmp_path_factory.mktemp("wan-blocks")
     compiled = wan.WanFamily.load(_settings(directory, "on"))
-    timings = compiled.warm_up()
-    assert "blocks_aot_compile" in timings and "blocks_aot_check" in timings
+    phases = Phases()
+    compiled.warm_up(phases)
+    assert "blocks_aot_compile" in phases.seconds and "blocks_aot_check" in phases.seconds
     yield compiled, wan.WanFamily.load(_settings(directory, "off"))
     patch.undo()
+
+
+def _kinds(family: Any) -> list[BlockKind]:
+    return family.fast_paths.candidates
 
 
 @pytest.fixture
 def spies(families: tuple[Any, Any]) -> Iterator[list[TokenSpy]]:
     """Every kind's runner spied on, restored afterwards."""
-    kinds = families[0].compiled_blocks.kinds
+    kinds = _kinds(families[0])
     originals = [kind.package.runner for kind in kinds]
     spied = []
     for kind in kinds:
@@ -78,7 +85,7 @@ def _video(pipe: Any, width: int, height: int, frames: int, **kwargs: Any) -> np
 
 def test_blocks_are_grouped_into_three_kinds(families: tuple[Any, Any]) -> None:
     compiled = families[0]
-    kinds = {(kind.name, len(kind.blocks)) for kind in compiled.compiled_blocks.kinds}
+    kinds = {(kind.block_class, len(kind.blocks)) for kind in _kinds(compiled)}
     main = len(compiled.text2video.transformer.blocks) + len(compiled.vace.transformer.blocks)
     controls = len(compiled.vace.transformer.vace_blocks)
     # T2V's blocks and VACE's main blocks share one package; VACE's first control block (it has an
@@ -88,7 +95,8 @@ def test_blocks_are_grouped_into_three_kinds(families: tuple[Any, Any]) -> None:
         ("WanVACETransformerBlock", 1),
         ("WanVACETransformerBlock", controls - 1),
     }
-    assert all(kind.package.runner.get_constant_fqns() == [] for kind in compiled.compiled_blocks.kinds)
+    assert all(kind.package.runner.get_constant_fqns() == [] for kind in _kinds(compiled))
+    assert set(compiled.fast_paths.status.values()) == {"serving"} and len(compiled.fast_paths.status) == 3
 
 
 @pytest.mark.parametrize(("width", "height", "frames"), [(64, 64, 9), (96, 48, 5)])
@@ -124,7 +132,7 @@ def test_calls_unlike_the_recorded_ones_run_the_eager_block(
 ) -> None:
     compiled, eager = families
     block, twin = compiled.text2video.transformer.blocks[1], eager.text2video.transformer.blocks[1]
-    kind = compiled.compiled_blocks.kinds[0]
+    kind = _kinds(compiled)[0]
     inputs = kind.example(40)[0]
     hidden, text, time, cos, sin = (t.repeat(2, *[1] * (t.ndim - 1)) for t in inputs)  # batch 2
     with torch.inference_mode():
@@ -137,16 +145,23 @@ def test_calls_unlike_the_recorded_ones_run_the_eager_block(
 
 def test_a_kind_never_called_in_the_warm_up_stays_eager(families: tuple[Any, Any], tmp_path: Path) -> None:
     transformer = families[1].text2video.transformer
-    blocks = CompiledBlocks([transformer], tmp_path, (32, 64), None)
-    assert blocks.prepare() == {}  # nothing recorded: nothing compiled, nothing routed
-    assert all("forward" not in block.__dict__ for block in transformer.blocks)
+    paths = FastPaths(block_kinds([transformer], tmp_path, (32, 64), None))
+    paths.prepare(Phases())
+    assert paths.status == {"wan-WanTransformerBlock": "eager: not called during the warm-up"}
+    assert paths.routes == []  # nothing recorded: nothing compiled, nothing routed
+    assert all("forward" not in vars(block) for block in transformer.blocks)
     assert not list(tmp_path.iterdir())
+    with pytest.raises(UnavailableError):
+        paths.candidates[0].prepare(Phases())
 
 
 def test_blocks_of_the_same_shapes_but_other_heads_get_their_own_package(families: tuple[Any, Any]) -> None:
     transformer = families[1].text2video.transformer
     config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
     other = type(transformer)(**{**config, "num_attention_heads": 4, "attention_head_dim": 6})  # same widths
-    blocks = CompiledBlocks([transformer, other], Path("unused"), (32, 64), None)
-    assert [len(kind.blocks) for kind in blocks.kinds] == [len(transformer.blocks), len(other.blocks)]
-    assert [kind.config["num_attention_heads"] for kind in blocks.kinds] == [2, 4]
+    kinds = block_kinds([transformer, other], Path("unused"), (32, 64), None)
+    assert [len(kind.blocks) for kind in kinds] == [len(transformer.blocks), len(other.blocks)]
+    assert [kind.config["num_attention_heads"] for kind in kinds] == [2, 4]
+    assert [kind.name for kind in kinds] == ["wan-WanTransformerBlock", "wan-WanTransformerBlock-2"]
+    FastPaths(kinds).prepare(Phases())  # never called: each stays eager, its recording hook removed
+    assert all(not block._forward_pre_hooks for block in (transformer.blocks[0], other.blocks[0]))

@@ -13,6 +13,7 @@ import torch
 
 from src.sdxl.compiled_vae import CompiledVaeDecode
 from src.sdxl.family import COMPILED_SIZE
+from src.timing import Phases
 from tests.aot import LATENT, CallSpy, pipe_images
 
 
@@ -20,9 +21,10 @@ from tests.aot import LATENT, CallSpy, pipe_images
 def vae_package_dir(tmp_path_factory: pytest.TempPathFactory, sdxl_pipe: Any, fast_aot_build: None) -> Path:
     """Compile once for the module; the VAE is left as it was."""
     directory = tmp_path_factory.mktemp("vae-cache")
-    timings = CompiledVaeDecode(sdxl_pipe.vae, LATENT, directory).prepare()
-    assert "vae_aot_compile" in timings and "vae_aot_check" in timings
-    del sdxl_pipe.vae.decode  # back to the eager decode; each test installs what it needs
+    phases = Phases()
+    for installed in CompiledVaeDecode(sdxl_pipe.vae, LATENT, directory).prepare(phases):
+        installed.undo()  # back to the eager decode; each test installs what it needs
+    assert "vae_aot_compile" in phases.seconds and "vae_aot_check" in phases.seconds
     return directory
 
 
@@ -30,22 +32,27 @@ def vae_package_dir(tmp_path_factory: pytest.TempPathFactory, sdxl_pipe: Any, fa
 def compiled_vae(sdxl_pipe: Any, vae_package_dir: Path) -> Iterator[tuple[CompiledVaeDecode, CallSpy]]:
     """The package loaded as the next worker loads it, its runner spied on."""
     compiled = CompiledVaeDecode(sdxl_pipe.vae, LATENT, vae_package_dir)
-    assert "vae_aot_compile" not in compiled.prepare()  # loaded: no compile
+    phases = Phases()
+    routes = compiled.prepare(phases)
+    assert "vae_aot_compile" not in phases.seconds  # loaded: no compile
     compiled.package.runner = spy = CallSpy(compiled.package.runner)
     yield compiled, spy
-    sdxl_pipe.vae.__dict__.pop("decode", None)
+    for installed in routes:
+        installed.undo()
+    assert "decode" not in vars(sdxl_pipe.vae)
     sdxl_pipe.vae.disable_tiling()
 
 
 def test_compiled_size_decodes_through_the_package_like_eager(sdxl_pipe: Any, vae_package_dir: Path) -> None:
     expected = pipe_images(sdxl_pipe, COMPILED_SIZE)
     compiled = CompiledVaeDecode(sdxl_pipe.vae, LATENT, vae_package_dir)
+    routes = compiled.prepare(Phases())
     try:
-        compiled.prepare()
         compiled.package.runner = spy = CallSpy(compiled.package.runner)
         got = pipe_images(sdxl_pipe, COMPILED_SIZE)
     finally:
-        sdxl_pipe.vae.__dict__.pop("decode", None)
+        for installed in routes:
+            installed.undo()
     assert spy.batches == [2]  # both images in one decode
     assert np.abs(got - expected).max() <= 2  # float rounding of the compiled kernels, nothing more
 

@@ -55,14 +55,15 @@ def test_gpu_faults_ask_for_a_fresh_worker(
 
     monkeypatch.setattr(model, "forward", broken_forward)
     job_id = f"gpu-{fault}-{family.name}"
-    result = both_worker.handle(job(job_id, "sdxl_image_fast" if family.name == "sdxl" else "video_fast"))
+    job_type = "sdxl_image_fast" if family.name == "sdxl" else "video_fast"
+    result = both_worker.handle(job(job_id, job_type))
     assert result["status"] == "failed" and result["refresh_worker"] is True
     assert result["error"].startswith(expected), result["error"]
     assert list_keys(s3, f"gpu/{job_id}/") == []
     # What RunPod receives: the error, and stopPod so the worker is replaced.
-    sent = asyncio.run(run_job(both_worker.handle, job(job_id + "-sdk", "sdxl_image_fast")))
-    if family.name == "sdxl":
-        assert sent["stopPod"] is True and sent["error"].startswith(expected)
+    sent = asyncio.run(run_job(both_worker.handle, job(job_id + "-sdk", job_type)))
+    assert sent["stopPod"] is True and sent["error"].startswith(expected)
+    assert list_keys(s3, f"gpu/{job_id}-sdk/") == []
 
 
 def test_bad_input_and_ordinary_errors_keep_the_worker(

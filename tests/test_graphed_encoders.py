@@ -12,7 +12,9 @@ import pytest
 import torch
 import torch.utils._pytree as pytree
 
-from src.sdxl.graphed_encoders import TEXT_TOKENS, GraphedTextEncoder
+from src.fast_path import route
+from src.sdxl import TEXT_TOKENS
+from src.sdxl.graphed_encoders import GraphedTextEncoder
 from src.worker import Worker
 
 
@@ -37,13 +39,14 @@ def _leaves(output: Any) -> list[torch.Tensor]:
 @pytest.fixture(params=["text_encoder", "text_encoder_2"])
 def graphed(request: pytest.FixtureRequest, sdxl_pipe: Any) -> Any:
     encoder = getattr(sdxl_pipe, request.param)
-    graphed = GraphedTextEncoder(encoder)
+    graphed = GraphedTextEncoder(encoder, request.param)
     with torch.inference_mode():
         graphed.output = graphed.eager(graphed.ids, output_hidden_states=True)
     graphed.graph = _StaticGraph(graphed)  # type: ignore[assignment]
-    encoder.forward = graphed.forward
+    installed = route(encoder, "forward", graphed)  # as prepare() routes it after a real capture
     yield graphed
-    del encoder.forward
+    installed.undo()
+    assert "forward" not in vars(encoder)
 
 
 def _ids(seed: int, vocab: int) -> torch.Tensor:
@@ -84,7 +87,7 @@ def test_other_calls_run_eagerly(
     graphed: GraphedTextEncoder, ids_shape: tuple[int, int], kwargs: dict
 ) -> None:
     ids = torch.randint(0, graphed.encoder.config.vocab_size, ids_shape)
-    assert not graphed.covers(ids, (), kwargs)
+    assert not graphed.serves(ids, **kwargs)
     before = [t.clone() for t in _leaves(graphed.output)]
     with torch.inference_mode():
         got = graphed.encoder(ids, **kwargs)
@@ -93,15 +96,15 @@ def test_other_calls_run_eagerly(
     assert all(torch.equal(a, b) for a, b in zip(_leaves(graphed.output), before, strict=True))  # no replay
 
 
-def test_covers_only_the_encoders_device_and_dtype(graphed: GraphedTextEncoder) -> None:
+def test_serves_only_the_encoders_device_and_dtype(graphed: GraphedTextEncoder) -> None:
     ids = torch.zeros(1, TEXT_TOKENS, dtype=torch.long)
-    assert graphed.covers(ids, (), {"output_hidden_states": True})
-    assert not graphed.covers(ids.int(), (), {"output_hidden_states": True})
-    assert not graphed.covers(ids, (None,), {"output_hidden_states": True})
-    assert not graphed.covers(None, (), {"output_hidden_states": True})
+    assert graphed.serves(ids, output_hidden_states=True)
+    assert not graphed.serves(ids.int(), output_hidden_states=True)
+    assert not graphed.serves(ids, None, output_hidden_states=True)
+    assert not graphed.serves(None, output_hidden_states=True)
 
 
 def test_cpu_worker_graphs_nothing(sdxl_worker: Worker) -> None:
     (family,) = sdxl_worker.families
-    assert family.graphed_encoders == ()
+    assert family.fast_paths.candidates == [] and sdxl_worker.startup["fast_paths"] == {}
     assert "forward" not in vars(family.text2img.text_encoder)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,35 +15,18 @@ from src.media.storage import CONTENT_TYPES, Storage
 from src.media.video import encode_mp4
 
 # Encoding and uploads run on these threads (PIL, zlib, libwebp and sockets release the GIL),
-# so a job's images encode in parallel and, started by the family, while the GPU still works.
+# so an image's PNG, its thumbnail and their uploads run in parallel.
 _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="assets")
 # A job's assets store in parallel on long-lived threads (a pool per job would start threads per job).
 _STORE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="store")
 
 
 @dataclass(frozen=True)
-class ImageEncoding:
-    """An image's PNG and WEBP thumbnail, encoding in parallel on worker threads."""
-
-    png: Future[bytes]
-    thumbnail: Future[bytes]
-
-
-def encode_image_async(image: Image.Image) -> ImageEncoding:
-    """Start encoding ``image`` (PNG and thumbnail, in parallel) now."""
-    return ImageEncoding(_POOL.submit(encode_png, image), _POOL.submit(thumbnail_webp, image))
-
-
-@dataclass(frozen=True)
 class GeneratedImage:
-    """One generated image and the family's metadata for it (steps, seed, ...).
-
-    ``encoded``: the PNG/thumbnail encoding, when the family started it early.
-    """
+    """One generated image and the family's metadata for it (steps, seed, ...)."""
 
     image: Image.Image
     metadata: dict[str, Any] = field(default_factory=dict)
-    encoded: ImageEncoding | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -70,11 +53,11 @@ def _put(storage: Storage, key: str, data: bytes, fmt: str) -> str:
 
 def store_image(storage: Storage, prefix: str, index: int, generated: GeneratedImage) -> dict[str, Any]:
     """Store ``{index}.png`` and ``{index}.thumb.webp`` under ``prefix``; return the callback entry."""
-    encoding = generated.encoded or encode_image_async(generated.image)
-    thumbnail_bytes = encoding.thumbnail.result()  # the small one: usually ready first
+    png_bytes = _POOL.submit(encode_png, generated.image)
+    thumbnail_bytes = thumbnail_webp(generated.image)  # the small one: ready first
     thumbnail = _POOL.submit(_put, storage, f"{prefix}/{index}.thumb.webp", thumbnail_bytes, "webp")
     try:
-        png = encoding.png.result()
+        png = png_bytes.result()
         url = _put(storage, f"{prefix}/{index}.png", png, "png")
     finally:
         wait([thumbnail])  # a failed job removes what it stored: nothing may land after that

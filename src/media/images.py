@@ -53,9 +53,9 @@ def fit_cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 def encode_png(image: Image.Image) -> bytes:
     """RGB PNG bytes of ``image``: Paeth row filter, zlib level 1 with run-length matching (libpng).
 
-    PNG is lossless either way. On 1024x1024 images this is 1.7-2.8x faster than Pillow's
-    level 1 and no larger; the Paeth filter alone (instead of libpng's per-row choice) saves
-    a fifth of the time for the same size on photographs (docs/PERFORMANCE.md).
+    PNG is lossless either way: this is faster than Pillow's level 1 for no larger files, and the
+    Paeth filter alone (instead of libpng's per-row choice) is faster still for the same size on
+    photographs (measured: docs/PERFORMANCE.md).
     """
     bgr = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2BGR)
     params = [

@@ -101,10 +101,6 @@ class JobObjects:
         self._storage.put(key, data, content_type)
         self.keys.append(key)
 
-    def delete(self, key: str) -> None:
-        """Remove ``key``."""
-        self._storage.delete(key)
-
     def remove_all(self) -> list[str]:
         """Remove every object stored so far (best effort); return the keys that could not be removed."""
         left = []

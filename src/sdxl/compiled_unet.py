@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,15 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from src.aot_package import CHANNELS_LAST, AotPackage, DynamicDim, package_identity
+from src.aot_package import CHANNELS_LAST, AotPackage, DynamicDim
+from src.compile_cache import package_identity
+from src.fast_path import Route, route
+from src.sdxl import TEXT_TOKENS
+from src.timing import Phases
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 16  # 8 images x 2 CFG rows
-TEXT_TOKENS = 77  # CLIP's context length: SDXL prompt embeddings always have 77 rows
 FORMAT = 1  # bump when the exported signature changes
 # Keyword arguments the pipelines pass that the compiled graph covers when they are None.
 _NONE_KWARGS = (
@@ -90,15 +92,17 @@ def example_inputs(
 
 
 class CompiledUnet:
-    """The UNet's AOTInductor package at one latent size, and the routing to it."""
+    """The UNet's AOTInductor package at one latent size: a fast path for the UNet's forward."""
+
+    name = "sdxl-unet"
+    setting = "COMPILE"
 
     def __init__(self, unet: UNet2DConditionModel, latent_size: tuple[int, int], cache_dir: Path) -> None:
         self.unet = unet
         self.latent_size = latent_size
         self.exported = _Exported(unet)  # the call that is compiled, checked against, and named by constants
-        self.eager_forward: Callable[..., Any] = self.exported.eager
         self.package = AotPackage(
-            "sdxl-unet",
+            self.name,
             self.exported,
             lambda batch: example_inputs(unet, latent_size, batch),
             DynamicDim("batch", 1, MAX_BATCH, checked=(1, 2)),
@@ -109,23 +113,19 @@ class CompiledUnet:
             inductor=CHANNELS_LAST,
         )
 
-    def prepare(self) -> dict[str, float]:
-        """Load the package (or compile and save it), check it, and route matching calls to it.
+    def prepare(self, phases: Phases) -> list[Route]:
+        """Load the package (or compile and save it), check it, and route the calls it serves to it."""
+        self.package.prepare(phases, "aot")
+        log.info("SDXL UNet: compiled for %s latents, batch 1-%d", self.latent_size, MAX_BATCH)
+        return [route(self.unet, "forward", self)]
 
-        Returns the seconds each phase took. Any failure leaves the eager UNet serving.
-        """
-        timings: dict[str, float] = {}
-        if self.package.prepare(timings, "aot"):
-            self.unet.forward = self.forward
-            log.info("SDXL UNet: compiled for %s latents, batch 1-%d", self.latent_size, MAX_BATCH)
-        return timings
-
-    def covers(self, sample: torch.Tensor, timestep: Any, kwargs: dict[str, Any]) -> bool:
+    def serves(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> bool:
         """True when the compiled graph computes this call exactly like the eager UNet."""
         added = kwargs.get("added_cond_kwargs") or {}
         states = kwargs.get("encoder_hidden_states")
         return (
-            tuple(sample.shape[-2:]) == self.latent_size
+            not args
+            and tuple(sample.shape[-2:]) == self.latent_size
             and 1 <= sample.shape[0] <= MAX_BATCH
             and sample.dtype == self.unet.dtype
             and isinstance(timestep, torch.Tensor)
@@ -138,10 +138,8 @@ class CompiledUnet:
             and set(kwargs) <= {"encoder_hidden_states", "added_cond_kwargs", "return_dict", *_NONE_KWARGS}
         )
 
-    def forward(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
-        """The UNet's forward: the compiled graph where it applies, the eager UNet elsewhere."""
-        if args or not self.covers(sample, timestep, kwargs):
-            return self.eager_forward(sample, timestep, *args, **kwargs)
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, **kwargs: Any) -> Any:
+        """The UNet's forward, from the compiled graph."""
         added = kwargs["added_cond_kwargs"]
         # The timestep is a view into the schedule, unaligned: the graph would copy it and warn.
         inputs = (

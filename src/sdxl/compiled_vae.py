@@ -2,14 +2,12 @@
 
 One package (``src/aot_package.py``) at one latent size (1024x1024 images), batch 1-8
 (``num_images``), without weights. Other sizes, and a VAE with tiling or slicing on, decode
-eagerly. On the H100 the same call through inductor took 39 ms instead of 92 ms eager for one
-1024x1024 image (``bench/probe.py``, docs/PERFORMANCE.md).
+eagerly. How much faster it decodes: docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,9 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DecoderOutput
 
 from src.aot_package import CHANNELS_LAST, AotPackage, DynamicDim
+from src.fast_path import Route, route
 from src.sdxl.compiled_unet import sdxl_identity
+from src.timing import Phases
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +39,18 @@ class _Decode(torch.nn.Module):
 
 
 class CompiledVaeDecode:
-    """The VAE decode's AOTInductor package at one latent size, and the routing to it."""
+    """The VAE decode's AOTInductor package at one latent size: a fast path for ``vae.decode``."""
+
+    name = "sdxl-vae-decode"
+    setting = "COMPILE"
 
     def __init__(self, vae: AutoencoderKL, latent_size: tuple[int, int], cache_dir: Path) -> None:
         self.vae = vae
         self.latent_size = latent_size
-        self.eager: Callable[..., Any] = type(vae).decode.__get__(vae)
         device = vae.device
         channels = vae.config.latent_channels
         self.package = AotPackage(
-            "sdxl-vae-decode",
+            self.name,
             _Decode(vae),
             lambda batch: (torch.randn(batch, channels, *latent_size, device=device, dtype=vae.dtype),),
             DynamicDim("batch", 1, MAX_IMAGES, checked=(1, 2)),
@@ -59,31 +61,24 @@ class CompiledVaeDecode:
             inductor=CHANNELS_LAST,
         )
 
-    def prepare(self) -> dict[str, float]:
-        """Load the package (or compile and save it), check it, and route matching decodes to it.
+    def prepare(self, phases: Phases) -> list[Route]:
+        """Load the package (or compile and save it), check it, and route the decodes it serves to it."""
+        self.package.prepare(phases, "vae_aot")
+        log.info("SDXL VAE decode: compiled for %s latents, 1-%d images", self.latent_size, MAX_IMAGES)
+        return [route(self.vae, "decode", self)]
 
-        Returns the seconds each phase took. Any failure leaves the eager decode serving.
-        """
-        timings: dict[str, float] = {}
-        if self.package.prepare(timings, "vae_aot"):
-            self.vae.decode = self.decode
-            log.info("SDXL VAE decode: compiled for %s latents, 1-%d images", self.latent_size, MAX_IMAGES)
-        return timings
-
-    def covers(self, latents: torch.Tensor) -> bool:
+    def serves(self, z: torch.Tensor, return_dict: bool = True, generator: Any = None) -> bool:
         """True when the package decodes these latents exactly like the eager VAE."""
         return (
-            latents.ndim == 4
-            and tuple(latents.shape[1:]) == (self.vae.config.latent_channels, *self.latent_size)
-            and 1 <= latents.shape[0] <= MAX_IMAGES
-            and latents.dtype == self.vae.dtype
+            z.ndim == 4
+            and tuple(z.shape[1:]) == (self.vae.config.latent_channels, *self.latent_size)
+            and 1 <= z.shape[0] <= MAX_IMAGES
+            and z.dtype == self.vae.dtype
             and not self.vae.use_tiling
             and not self.vae.use_slicing
         )
 
-    def decode(self, z: torch.Tensor, return_dict: bool = True, generator: Any = None) -> Any:
-        """The VAE's decode: the package where it applies, the eager decode elsewhere."""
-        if not self.covers(z):
-            return self.eager(z, return_dict=return_dict, generator=generator)
+    def __call__(self, z: torch.Tensor, return_dict: bool = True, generator: Any = None) -> Any:
+        """The VAE's decode, from the package."""
         images = self.package.run((z,), "SDXL VAE decode")
         return DecoderOutput(sample=images) if return_dict else (images,)

@@ -10,18 +10,19 @@ from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipelin
 from PIL import Image
 
 from src import acceleration
-from src.aot_package import timed_phase
 from src.contract import JobRequest
-from src.media.assets import GeneratedImage, Generation, encode_image_async
+from src.fast_path import FastPath, FastPaths
+from src.media.assets import GeneratedImage, Generation
 from src.media.images import fit_cover, size_for_aspect, to_uint8
 from src.media.reference import FetchLimits, fetch_reference
-from src.models import model_dirs, straight_to
+from src.models import device_map_kwargs, model_dirs
 from src.progress import Progress
 from src.sdxl.compiled_unet import CompiledUnet
 from src.sdxl.compiled_vae import CompiledVaeDecode
 from src.sdxl.graphed_encoders import GraphedTextEncoder
-from src.sdxl.plan import DEFAULTS, SIZE_BOUNDS, SdxlPlan, plan_sdxl
+from src.sdxl.plan import DEFAULTS, SIZE_BOUNDS, SdxlConfig, SdxlMetadata, SdxlPlan, plan_sdxl
 from src.settings import Settings
+from src.timing import Phases
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +37,22 @@ class SdxlFamily:
 
     name = "sdxl"
     job_types = frozenset(DEFAULTS)
+    config_model = SdxlConfig
+    metadata_model = SdxlMetadata
 
     def __init__(
         self,
         text2img: StableDiffusionXLPipeline,
         img2img: StableDiffusionXLImg2ImgPipeline,
         limits: FetchLimits,
-        compiled_unet: CompiledUnet | None = None,
-        compiled_vae: CompiledVaeDecode | None = None,
-        graphed_encoders: tuple[GraphedTextEncoder, ...] = (),
+        fast_paths: FastPaths,
+        warm_up_size: tuple[int, int] = (WARM_UP_SIZE, WARM_UP_SIZE),
     ) -> None:
         self.text2img = text2img
         self.img2img = img2img
         self.limits = limits
-        self.compiled_unet = compiled_unet
-        self.compiled_vae = compiled_vae
-        self.graphed_encoders = graphed_encoders
+        self.fast_paths = fast_paths
+        self.warm_up_size = warm_up_size
 
     @classmethod
     def load(cls, settings: Settings) -> SdxlFamily:
@@ -62,46 +63,46 @@ class SdxlFamily:
         device = settings.torch_device
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         log.info("loading SDXL from %s on %s (%s)", path, device, dtype)
-        text2img = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, **straight_to(device))
+        text2img = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, **device_map_kwargs(device))
         if device != "cpu":
             text2img.to(device)
         text2img.set_progress_bar_config(disable=True)
         # from_pipe casts the shared components to its dtype argument, float32 by default:
-        # without it the UNet silently ran in float32 on the GPU (3x slower than fp16).
+        # without it the UNet silently ran in float32 on the GPU, far slower than fp16.
         img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(text2img, dtype=dtype)
         img2img.set_progress_bar_config(disable=True)
-        limits = FetchLimits.from_settings(settings)
-        graphed: tuple[GraphedTextEncoder, ...] = ()
+        candidates: list[FastPath] = []
+        warm_up_size = (WARM_UP_SIZE, WARM_UP_SIZE)
+        if acceleration.compile_enabled(settings, device) and settings.compile_sdxl:
+            scale = text2img.vae_scale_factor
+            latent_size = (COMPILED_SIZE[1] // scale, COMPILED_SIZE[0] // scale)
+            cache = settings.compile_cache_path
+            candidates += [
+                CompiledUnet(text2img.unet, latent_size, cache),
+                CompiledVaeDecode(text2img.vae, latent_size, cache),
+            ]
+            warm_up_size = COMPILED_SIZE
         if device.startswith("cuda") and settings.cuda_graphs:
-            graphed = tuple(GraphedTextEncoder(e) for e in (text2img.text_encoder, text2img.text_encoder_2))
-        if not (acceleration.compile_enabled(settings, device) and settings.compile_sdxl):
-            return cls(text2img, img2img, limits, graphed_encoders=graphed)
-        scale = text2img.vae_scale_factor
-        latent_size = (COMPILED_SIZE[1] // scale, COMPILED_SIZE[0] // scale)
-        cache = settings.compile_cache_path
-        compiled_unet = CompiledUnet(text2img.unet, latent_size, cache)
-        compiled_vae = CompiledVaeDecode(text2img.vae, latent_size, cache)
-        return cls(text2img, img2img, limits, compiled_unet, compiled_vae, graphed)
+            encoders = {
+                "sdxl-text-encoder": text2img.text_encoder,
+                "sdxl-text-encoder-2": text2img.text_encoder_2,
+            }
+            candidates += [GraphedTextEncoder(encoder, name) for name, encoder in encoders.items()]
+        fast_paths = FastPaths(candidates, acceleration.required_settings(settings))
+        return cls(text2img, img2img, FetchLimits.from_settings(settings), fast_paths, warm_up_size)
 
-    def warm_up(self) -> dict[str, float]:
-        """Run both pipelines once so the first job pays no first-call cost.
+    def warm_up(self, phases: Phases) -> None:
+        """Prepare the fast paths, then run both pipelines once so the first job pays no first-call cost.
 
         With COMPILE on, the compiled UNet and VAE decode are loaded first (compiled and saved
         when missing: minutes, once per GPU type and version) and the pipelines run at
-        COMPILED_SIZE; with CUDA_GRAPHS, the text encoders are captured. Returns the seconds of
-        these phases.
+        COMPILED_SIZE; with CUDA_GRAPHS, the text encoders are captured.
         """
-        timings: dict[str, float] = {}
-        width = height = WARM_UP_SIZE
-        if self.compiled_unet is not None and self.compiled_vae is not None:
-            timings = {**self.compiled_unet.prepare(), **self.compiled_vae.prepare()}
-            width, height = COMPILED_SIZE
-        if self.graphed_encoders:
-            timed_phase(timings, "graphs", lambda: [encoder.prepare() for encoder in self.graphed_encoders])
+        self.fast_paths.prepare(phases)
+        width, height = self.warm_up_size
         with torch.inference_mode():
             image = self.text2img("warm-up", width=width, height=height, num_inference_steps=2).images[0]
             self.img2img("warm-up", image=image, strength=0.5, num_inference_steps=2)
-        return timings
 
     def plan(self, request: JobRequest) -> SdxlPlan:
         """Validate the SDXL part of the payload."""
@@ -119,9 +120,7 @@ class SdxlFamily:
             extra["denoise_strength"] = plan.denoise_strength
         assets = [
             GeneratedImage(
-                image,
-                {**extra, "steps": plan.steps, "guidance_scale": plan.guidance_scale, "seed": seed},
-                encoded=encode_image_async(image),
+                image, {**extra, "steps": plan.steps, "guidance_scale": plan.guidance_scale, "seed": seed}
             )
             for image, seed in zip(images, plan.seeds, strict=True)
         ]

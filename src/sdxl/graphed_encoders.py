@@ -14,30 +14,39 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from src.aot_package import relative_error
+from src.fast_path import Route, UnavailableError, relative_error, route
+from src.sdxl import TEXT_TOKENS
+from src.timing import Phases
 
 log = logging.getLogger(__name__)
 
-TEXT_TOKENS = 77  # CLIP's context length: SDXL tokenizes every prompt to 77 ids
 MAX_RELATIVE_ERROR = 1e-3  # replay vs eager on the same ids: the same kernels, so ~0
 
 
 class GraphedTextEncoder:
     """One text encoder's pipeline call, ``(1, 77)`` ids with hidden states, from a CUDA graph."""
 
-    def __init__(self, encoder: torch.nn.Module) -> None:
+    setting = "CUDA_GRAPHS"
+
+    def __init__(self, encoder: torch.nn.Module, name: str) -> None:
         self.encoder = encoder
-        self.eager = encoder.forward  # what serves every other call
+        self.name = name
+        self.eager = type(encoder).forward.__get__(encoder)  # what serves every other call
         self.ids = torch.zeros(1, TEXT_TOKENS, dtype=torch.long, device=encoder.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: Any = None
 
-    def prepare(self) -> bool:
+    def prepare(self, phases: Phases) -> list[Route]:
         """Capture the call, check a replay against the eager call, and route matching calls.
 
-        False (logged) when capturing fails or the replay disagrees: the eager encoder serves.
+        Raises UnavailableError when capturing fails or the replay disagrees.
         """
-        name = type(self.encoder).__name__
+        with phases.phase("graphs"):
+            self.graph = self._capture()
+        log.info("%s: replayed from a CUDA graph", self.name)
+        return [route(self.encoder, "forward", self)]
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
         ids = torch.randint(0, self.encoder.config.vocab_size, self.ids.shape, device=self.ids.device)
         try:
             with torch.inference_mode():
@@ -54,22 +63,19 @@ class GraphedTextEncoder:
                 graph.replay()
                 error = relative_error(self.output, expected)
         except Exception as err:  # a speed path: the eager encoder serves without it
-            log.warning("%s not captured in a CUDA graph (%s: %s): eager", name, type(err).__name__, err)
-            return False
+            raise UnavailableError(f"not captured in a CUDA graph ({type(err).__name__}: {err})") from None
         if error > MAX_RELATIVE_ERROR:  # infinite when not finite
-            log.warning(
-                "%s: CUDA graph replay disagrees with eager (relative error %.3g): eager", name, error
+            raise UnavailableError(
+                f"the CUDA graph's replay disagrees with eager (relative error {error:.3g})"
             )
-            return False
-        log.info("%s: replayed from a CUDA graph (relative error vs eager %.3g)", name, error)
-        self.graph = graph
-        self.encoder.forward = self.forward
-        return True
+        log.info("%s: CUDA graph replay vs eager: relative error %.3g", self.name, error)
+        return graph
 
-    def covers(self, input_ids: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    def serves(self, input_ids: Any = None, *args: Any, **kwargs: Any) -> bool:
         """True for the pipelines' call: ``(1, 77)`` ids on the encoder's device, hidden states on."""
         return (
-            not args
+            self.graph is not None
+            and not args
             and kwargs == {"output_hidden_states": True}
             and isinstance(input_ids, torch.Tensor)
             and input_ids.shape == self.ids.shape
@@ -77,10 +83,8 @@ class GraphedTextEncoder:
             and input_ids.device == self.ids.device
         )
 
-    def forward(self, input_ids: Any = None, *args: Any, **kwargs: Any) -> Any:
-        """The encoder's forward: the graph for the pipelines' call, eager for any other."""
-        if self.graph is None or not self.covers(input_ids, args, kwargs):
-            return self.eager(input_ids, *args, **kwargs)
+    def __call__(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        """The encoder's forward, replayed from the graph."""
         self.ids.copy_(input_ids)
         self.graph.replay()
         # The graph writes into the same tensors at every replay: the negative prompt's would

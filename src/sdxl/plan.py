@@ -1,6 +1,7 @@
 """SDXL job rules: defaults per type, text-to-image vs image-to-image, exact copy mode.
 
-Every rule of the seed lives here, as a pure function of the validated request.
+Every rule of the original system's contract lives here, as a pure function of the validated
+request.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from src.contract import (
     JobError,
     JobRequest,
     ReferenceMetadata,
+    metadata_first,
     parse_section,
     pick_seed,
     resolve_denoise,
@@ -34,16 +36,28 @@ TRAIN_TIMESTEPS = 1000
 
 
 class SdxlConfig(GenerationConfig):
-    """SDXL ``config``: the shared keys plus ``num_images``."""
+    """SDXL ``config``: the shared keys plus ``num_images`` and ``exact_copy_mode``."""
 
-    num_images: int = Field(1, ge=1, le=8)
+    num_images: int = Field(1, ge=1, le=8, description="Images to generate, 1-8; image i uses seed + i.")
+    exact_copy_mode: bool | None = Field(
+        None, description="Promptless copy of the reference (metadata.exact_copy_mode wins)."
+    )
+
+
+class SdxlMetadata(ReferenceMetadata):
+    """SDXL ``metadata``: the reference keys plus ``exact_copy_mode``."""
+
+    exact_copy_mode: bool | None = Field(
+        None,
+        description="Promptless copy of the reference: denoise_strength at most 0.05, guidance 1.0, "
+        "no negative prompt, 6-10 steps. Default false.",
+    )
 
 
 @dataclass(frozen=True)
 class SdxlPlan:
     """Everything needed to run one SDXL job."""
 
-    job_type: str
     prompt: str
     negative_prompt: str | None
     size: tuple[int, int] | None  # None: derived from the reference image
@@ -73,14 +87,12 @@ def img2img_schedule(steps: int, strength: float) -> int:
 
 
 def plan_sdxl(request: JobRequest) -> SdxlPlan:
-    """Apply the seed's SDXL rules to a validated request."""
+    """Apply the SDXL rules to a validated request."""
     default_steps, default_guidance = DEFAULTS[request.type]
     config = parse_section(SdxlConfig, request.config, "config")
-    metadata = parse_section(ReferenceMetadata, request.metadata, "metadata")
+    metadata = parse_section(SdxlMetadata, request.metadata, "metadata")
     size = resolve_size(config, **SIZE_BOUNDS)
-    exact_copy = bool(
-        metadata.exact_copy_mode if metadata.exact_copy_mode is not None else config.exact_copy_mode
-    )
+    exact_copy = bool(metadata_first(metadata.exact_copy_mode, config.exact_copy_mode))
     reference_url = metadata.reference_image_url
     prompt = (request.prompt or "").strip()
     base_seed = pick_seed(config)
@@ -92,7 +104,6 @@ def plan_sdxl(request: JobRequest) -> SdxlPlan:
         if not prompt:
             raise JobError("prompt", "is required")
         return SdxlPlan(
-            job_type=request.type,
             prompt=prompt,
             negative_prompt=request.negative_prompt,
             size=size or DEFAULT_SIZE,
@@ -102,7 +113,7 @@ def plan_sdxl(request: JobRequest) -> SdxlPlan:
         )
 
     denoise = resolve_denoise(metadata, config, DEFAULT_DENOISE)
-    if exact_copy:  # the seed's rules, exactly
+    if exact_copy:  # the original system's rules, exactly
         denoise = min(denoise, EXACT_COPY_MAX_DENOISE)
         guidance = 1.0
         negative_prompt = None
@@ -115,7 +126,6 @@ def plan_sdxl(request: JobRequest) -> SdxlPlan:
         steps = config.num_inference_steps or default_steps
     denoise = max(denoise, MIN_DENOISE)
     return SdxlPlan(
-        job_type=request.type,
         prompt=prompt,
         negative_prompt=negative_prompt,
         size=size,

@@ -13,8 +13,9 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPi
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from src.sdxl import TEXT_TOKENS
+
 SEED = 0
-MAX_LENGTH = 77
 TEXT_HIDDEN = (32, 32)  # text_encoder, text_encoder_2; their sum is the UNet cross_attention_dim
 PROJECTION_DIM = 32  # text_encoder_2 pooled embedding size
 TIME_EMBED_DIM = 8  # 6 micro-conditioning ids per sample -> 6 * 8 + PROJECTION_DIM inputs
@@ -28,7 +29,7 @@ def clip_tokenizer(pad_token: str) -> CLIPTokenizer:
         vocab={token: i for i, token in enumerate(tokens)},
         merges=[],
         pad_token=pad_token,
-        model_max_length=MAX_LENGTH,
+        model_max_length=TEXT_TOKENS,
     )
 
 
@@ -39,7 +40,7 @@ def _text_config(tokenizer: CLIPTokenizer, hidden_size: int) -> CLIPTextConfig:
         intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
-        max_position_embeddings=MAX_LENGTH,
+        max_position_embeddings=TEXT_TOKENS,
         projection_dim=PROJECTION_DIM,
         hidden_act="gelu",
         bos_token_id=tokenizer.bos_token_id,

@@ -2,26 +2,31 @@
 
 - Blocks are grouped into kinds by class and weights (names, shapes, dtypes): the T2V blocks and
   VACE's main blocks are one kind, VACE's first control block (it has an input projection) and
-  its other control blocks two more. One package (``src/aot_package.py``) per kind.
+  its other control blocks two more. One package (``src/aot_package.py``) per kind: each kind is
+  a fast path (``src/fast_path.py``).
 - A package takes the block's weights as inputs, so it serves every block of its kind; the
   number of tokens (latent frames x latent height x latent width / 4) is its dynamic dimension,
   so every size and frame count a job may ask for runs compiled.
-- A kind's inputs (dtypes, shapes but the tokens) are recorded from a pipeline's own call during
-  the warm-up; calls that differ from them run the eager block.
+- A kind's inputs (names, dtypes, shapes) are recorded from a pipeline's own call during the
+  warm-up; the inputs named in TOKEN_INPUTS carry the tokens. Calls that differ from the
+  recorded one, tokens aside, run the eager block.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from src.acceleration import sdpa_backends
-from src.aot_package import AotPackage, DynamicDim, package_identity
+from src.aot_package import AotPackage, DynamicDim
+from src.compile_cache import package_identity
+from src.fast_path import Route, UnavailableError, route
+from src.timing import Phases
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,9 @@ BLOCK_CONFIG = (
     "eps",
     "added_kv_proj_dim",
 )
+# The block inputs whose dimension 1 is the tokens (the rotary embedding's cos and sin too); the
+# text states and the time embedding have fixed shapes.
+TOKEN_INPUTS = frozenset({"hidden_states", "control_hidden_states", "rotary_emb"})
 Shape = tuple[int, ...]
 
 
@@ -75,42 +83,61 @@ class _BlockCall(torch.nn.Module):
 
 
 class BlockKind:
-    """The blocks of one class and weight layout, and their package once a call was recorded.
+    """The blocks of one class and weight layout: a fast path served by one package.
 
-    The tokens are dimension 1 of every input but the text states (input 1) and the time
-    embedding (third from last): hidden states, control states (VACE), the rotary cos and sin.
+    Its first block records the inputs of its first call (a forward pre-hook, removed when the
+    kind is prepared): the warm-up's pipelines call every kind.
     """
 
-    def __init__(self, blocks: list[torch.nn.Module], config: dict[str, Any]) -> None:
+    setting = "COMPILE"
+
+    def __init__(
+        self,
+        blocks: list[torch.nn.Module],
+        config: dict[str, Any],
+        name: str,
+        cache_dir: Path,
+        tokens: tuple[int, int],
+        attention: str | None,
+    ) -> None:
+        """``tokens``: the size inductor tunes the kernels for, and the most a job may have."""
         self.blocks = blocks
         self.config = config  # the transformer configuration the blocks' code depends on
+        self.name = name
+        self.cache_dir = cache_dir
+        self.tuned_tokens, self.max_tokens = tokens
+        self.attention = attention
         tensors = _tensors(blocks[0])
         self.names = list(tensors)
         self.signature = [(name, list(t.shape), str(t.dtype)) for name, t in tensors.items()]
         self.device = next(iter(tensors.values())).device
-        self.template: list[tuple[Shape, torch.dtype]] = []  # the recorded call's inputs
+        self.template: list[tuple[str, Shape, torch.dtype]] = []  # the recorded call's inputs, by name
         self.package: AotPackage | None = None
+        self._hook = blocks[0].register_forward_pre_hook(self._record)
 
     @property
-    def name(self) -> str:
+    def block_class(self) -> str:
         return type(self.blocks[0]).__name__
 
-    def record(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        """Forward pre-hook: keep the first call's input shapes and dtypes."""
+    def _record(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        """Keep the first call's input names, shapes and dtypes (the rotary embedding's cos and sin last)."""
         inputs = _flat(args)
-        if not self.template and inputs is not None and all(isinstance(t, torch.Tensor) for t in inputs):
-            self.template = [(tuple(t.shape), t.dtype) for t in inputs]
+        if self.template or inputs is None or not all(isinstance(t, torch.Tensor) for t in inputs):
+            return
+        names = list(inspect.signature(type(module).forward).parameters)[1 : len(args) + 1]
+        names = [*names[:-1], names[-1], names[-1]]  # the last argument is (cos, sin)
+        self.template = [(name, tuple(t.shape), t.dtype) for name, t in zip(names, inputs, strict=True)]
 
-    def token_inputs(self) -> list[int]:
-        count = len(self.template)
-        return [i for i in range(count) if i not in (1, count - 3)]
+    def token_inputs(self) -> set[int]:
+        """Positions of the recorded inputs that carry the tokens."""
+        return {i for i, (name, _, _) in enumerate(self.template) if name in TOKEN_INPUTS}
 
     def example(self, tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Random inputs like the recorded call's at ``tokens`` tokens, and the first block's weights."""
-        at = set(self.token_inputs())
+        shapes = self._shapes(tokens)
         inputs = [
-            torch.randn((shape[0], tokens, *shape[2:]) if i in at else shape, device=self.device, dtype=dtype)
-            for i, (shape, dtype) in enumerate(self.template)
+            torch.randn(shape, device=self.device, dtype=dtype)
+            for shape, (_, _, dtype) in zip(shapes, self.template, strict=True)
         ]
         return inputs, self.weights(self.blocks[0])
 
@@ -118,123 +145,107 @@ class BlockKind:
         tensors = _tensors(block)
         return [tensors[name] for name in self.names]
 
-    def covers(self, inputs: list[Any] | None) -> bool:
+    def serves(self, inputs: list[Any] | None) -> bool:
         """True when these inputs match the recorded call's, tokens aside (within the package's range)."""
         if inputs is None or len(inputs) != len(self.template) or self.package is None:
             return False
         tokens = inputs[0].shape[1] if isinstance(inputs[0], torch.Tensor) and inputs[0].ndim > 1 else -1
         if not self.package.dim.low <= tokens <= self.package.dim.high:
             return False
-        at = self.token_inputs()
-        for i, (tensor, (shape, dtype)) in enumerate(zip(inputs, self.template, strict=True)):
-            expected = (shape[0], tokens, *shape[2:]) if i in at else shape
+        for tensor, expected, (_, _, dtype) in zip(inputs, self._shapes(tokens), self.template, strict=True):
             if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tensor.shape != expected:
                 return False
             if tensor.device != self.device:
                 return False
         return True
 
-    def route(self, block: torch.nn.Module) -> Callable[..., Any]:
-        """The block's forward: the package where it applies, the block's own forward elsewhere."""
-        eager = type(block).forward.__get__(block)
-        weights = self.weights(block)
-        package = self.package
-        assert package is not None
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            inputs = None if kwargs else _flat(args)
-            if not self.covers(inputs):
-                return eager(*args, **kwargs)
-            return package.run((inputs, weights), f"Wan {self.name}")
-
-        return forward
-
-
-class CompiledBlocks:
-    """Every block of the Wan transformers, grouped into kinds, each kind served by its package."""
-
-    def __init__(
-        self,
-        transformers: list[torch.nn.Module],
-        cache_dir: Path,
-        tokens: tuple[int, int],
-        attention: str | None,
-    ) -> None:
-        """``tokens``: the size inductor tunes the kernels for, and the most a job may have."""
-        kinds: dict[str, tuple[list[torch.nn.Module], dict[str, Any]]] = {}
-        for transformer in transformers:
-            config = {k: transformer.config[k] for k in BLOCK_CONFIG if k in transformer.config}
-            for block in (*transformer.blocks, *getattr(transformer, "vace_blocks", ())):
-                layout = [(name, t.shape, t.dtype) for name, t in _tensors(block).items()]
-                key = repr([type(block).__name__, layout, config])
-                kinds.setdefault(key, ([], config))[0].append(block)
-        self.kinds = [BlockKind(blocks, config) for blocks, config in kinds.values()]
-        self.cache_dir = cache_dir
-        self.tuned_tokens, self.max_tokens = tokens
-        self.attention = attention
-
-    @contextmanager
-    def recording(self) -> Iterator[None]:
-        """Within: each kind records its first call's inputs (run the pipelines once)."""
-        handles = [kind.blocks[0].register_forward_pre_hook(kind.record) for kind in self.kinds]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def prepare(self) -> dict[str, float]:
-        """Load each recorded kind's package (or compile and save it), check it, route its blocks to it.
-
-        Returns the seconds of each phase, summed over the kinds. A kind that was not recorded or
-        whose package fails stays eager.
-        """
-        timings: dict[str, float] = {}
+    def prepare(self, phases: Phases) -> list[Route]:
+        """Load the kind's package (or compile and save it), check it, route its blocks to it."""
+        self._hook.remove()
+        if not self.template:
+            raise UnavailableError("not called during the warm-up")
+        self.package = self._package()
         with sdpa_backends(self.attention):  # the kernel the compiled attention calls
-            for kind in self.kinds:
-                if not kind.template:
-                    log.warning("Wan %s was not called during the warm-up: it runs eagerly", kind.name)
-                    continue
-                kind.package = self._package(kind)
-                if kind.package.prepare(timings, "blocks_aot"):
-                    for block in kind.blocks:
-                        block.forward = kind.route(block)
-                    log.info(
-                        "Wan %s: %d blocks compiled, 2-%d tokens",
-                        kind.name,
-                        len(kind.blocks),
-                        self.max_tokens,
-                    )
-                else:
-                    kind.package = None
-        return timings
+            try:
+                self.package.prepare(phases, "blocks_aot")
+            except UnavailableError:
+                self.package = None
+                raise
+        log.info("%s: %d blocks compiled, 2-%d tokens", self.name, len(self.blocks), self.max_tokens)
+        return [route(block, "forward", _BlockRunner(self, block)) for block in self.blocks]
 
-    def _package(self, kind: BlockKind) -> AotPackage:
-        recorded = kind.template[0][0][1]
+    def _shapes(self, tokens: int) -> list[Shape]:
+        at = self.token_inputs()
+        return [
+            (shape[0], tokens, *shape[2:]) if i in at else shape
+            for i, (_, shape, _) in enumerate(self.template)
+        ]
+
+    def _package(self) -> AotPackage:
+        recorded = self.template[0][1][1]
         identity = package_identity(
             FORMAT,
-            kind.device,
-            block=kind.name,
-            weights=kind.signature,
-            config=kind.config,
-            inputs=[[len(shape), str(dtype)] for shape, dtype in kind.template],
+            self.device,
+            block=self.block_class,
+            weights=self.signature,
+            config=self.config,
+            inputs=[[len(shape), str(dtype)] for _, shape, dtype in self.template],
             tokens=[self.tuned_tokens, self.max_tokens],
             attention=self.attention,
         )
-        at = set(kind.token_inputs())
+        at = self.token_inputs()
 
         def dynamic_shapes(dim: torch.export.Dim) -> tuple[list[Any], list[None]]:
             """The tokens of the inputs that have them; the weights static."""
-            inputs = [{1: dim} if i in at else None for i in range(len(kind.template))]
-            return inputs, [None] * len(kind.names)
+            inputs = [{1: dim} if i in at else None for i in range(len(self.template))]
+            return inputs, [None] * len(self.names)
 
         return AotPackage(
-            f"wan-{kind.name}",
-            _BlockCall(kind.blocks[0], kind.names),
-            kind.example,
+            f"wan-{self.block_class}",
+            _BlockCall(self.blocks[0], self.names),
+            self.example,
             DynamicDim("tokens", 2, self.max_tokens, checked=(recorded, self.tuned_tokens)),
             dynamic_shapes,
             identity,
             self.cache_dir,
-            kind.device,
+            self.device,
         )
+
+
+class _BlockRunner:
+    """One block's calls that its kind's package serves, with this block's weights."""
+
+    def __init__(self, kind: BlockKind, block: torch.nn.Module) -> None:
+        self.kind = kind
+        self.weights = kind.weights(block)
+
+    def serves(self, *args: Any, **kwargs: Any) -> bool:
+        return not kwargs and self.kind.serves(_flat(args))
+
+    def __call__(self, *args: Any) -> Any:
+        assert self.kind.package is not None
+        return self.kind.package.run((_flat(args), self.weights), f"Wan {self.kind.block_class}")
+
+
+def block_kinds(
+    transformers: Sequence[torch.nn.Module], cache_dir: Path, tokens: tuple[int, int], attention: str | None
+) -> list[BlockKind]:
+    """Every block of the Wan transformers, grouped into kinds (each kind's first block recording).
+
+    ``tokens``: the size inductor tunes the kernels for, and the most a job may have.
+    """
+    groups: dict[str, tuple[list[torch.nn.Module], dict[str, Any]]] = {}
+    for transformer in transformers:
+        config = {k: transformer.config[k] for k in BLOCK_CONFIG if k in transformer.config}
+        for block in (*transformer.blocks, *getattr(transformer, "vace_blocks", ())):
+            layout = [(name, t.shape, t.dtype) for name, t in _tensors(block).items()]
+            key = repr([type(block).__name__, layout, config])
+            groups.setdefault(key, ([], config))[0].append(block)
+    kinds: list[BlockKind] = []
+    for blocks, config in groups.values():
+        name = f"wan-{type(blocks[0]).__name__}"
+        taken = sum(kind.block_class == type(blocks[0]).__name__ for kind in kinds)
+        kinds.append(
+            BlockKind(blocks, config, f"{name}-{taken + 1}" if taken else name, cache_dir, tokens, attention)
+        )
+    return kinds

@@ -6,8 +6,6 @@ Both pipelines share one text encoder, tokenizer and VAE in memory.
 from __future__ import annotations
 
 import logging
-import time
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -23,15 +21,17 @@ from PIL import Image
 
 from src import acceleration
 from src.contract import JobRequest
-from src.media.assets import GeneratedImage, GeneratedVideo, Generation, encode_image_async
+from src.fast_path import FastPaths
+from src.media.assets import GeneratedImage, GeneratedVideo, Generation
 from src.media.images import to_uint8
 from src.media.reference import FetchLimits, fetch_reference
-from src.models import model_dirs, straight_to
+from src.models import device_map_kwargs, model_dirs
 from src.progress import Progress
 from src.settings import Settings
-from src.wan.compiled_blocks import CompiledBlocks
+from src.timing import Phases
+from src.wan.compiled_blocks import block_kinds
 from src.wan.conditioning import vace_inputs
-from src.wan.plan import DEFAULTS, FPS, MAX_FRAMES, WanPlan, plan_wan
+from src.wan.plan import DEFAULTS, FPS, MAX_FRAMES, WanConfig, WanMetadata, WanPlan, plan_wan
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +57,16 @@ class WanFamily:
 
     name = "wan"
     job_types = frozenset(DEFAULTS)
+    config_model = WanConfig
+    metadata_model = WanMetadata
 
     def __init__(
-        self,
-        text2video: WanPipeline,
-        vace: WanVACEPipeline,
-        limits: FetchLimits,
-        compiled_blocks: CompiledBlocks | None = None,
+        self, text2video: WanPipeline, vace: WanVACEPipeline, limits: FetchLimits, fast_paths: FastPaths
     ) -> None:
         self.text2video = text2video
         self.vace = vace
         self.limits = limits
-        self.compiled_blocks = compiled_blocks
+        self.fast_paths = fast_paths
 
     @classmethod
     def load(cls, settings: Settings) -> WanFamily:
@@ -79,7 +77,7 @@ class WanFamily:
         device = settings.torch_device
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         log.info("loading Wan T2V from %s and VACE from %s on %s (%s)", t2v_dir, vace_dir, device, dtype)
-        on_device = straight_to(device)
+        on_device = device_map_kwargs(device)
         vae = AutoencoderKLWan.from_pretrained(t2v_dir, subfolder="vae", dtype=torch.float32, **on_device)
         if device.startswith("cuda"):
             acceleration.conv3d_channels_last(vae)
@@ -100,29 +98,25 @@ class WanFamily:
         transformers = [text2video.transformer, vace.transformer]
         attention = acceleration.attention_backend(settings, device)
         acceleration.set_attention_backend(transformers, attention)
-        compiled_blocks = None
+        kinds = []
         if acceleration.compile_enabled(settings, device):
             tokens = (video_tokens(text2video, *TUNED_FOR), video_tokens(text2video, *MAX_SIZE))
-            compiled_blocks = CompiledBlocks(transformers, settings.compile_cache_path, tokens, attention)
-        limits = FetchLimits.from_settings(settings)
-        return cls(text2video, vace, limits, compiled_blocks)
+            kinds = block_kinds(transformers, settings.compile_cache_path, tokens, attention)
+        fast_paths = FastPaths(kinds, acceleration.required_settings(settings))
+        return cls(text2video, vace, FetchLimits.from_settings(settings), fast_paths)
 
-    def warm_up(self) -> dict[str, float]:
-        """Run both pipelines once, small, so the first job pays no first-call cost.
+    def warm_up(self, phases: Phases) -> None:
+        """Run both pipelines once, small, so the first job pays no first-call cost; then prepare
+        the fast paths.
 
-        With COMPILE on, the blocks' calls are recorded during that run, and their packages are
-        then loaded (compiled and saved the first time). Returns the seconds of each phase.
+        With COMPILE on, each block kind records its inputs during that run, and its package is
+        then loaded (compiled and saved the first time).
         """
-        timings: dict[str, float] = {}
-        started = time.perf_counter()
-        with self.compiled_blocks.recording() if self.compiled_blocks else nullcontext():
+        with phases.phase("pipelines"):
             self.text2video("warm-up", **WARM_UP)
             gray = Image.new("RGB", (WARM_UP["width"], WARM_UP["height"]), (128, 128, 128))
             self.vace("warm-up", reference_images=[gray], **WARM_UP)
-        timings["pipelines"] = round(time.perf_counter() - started, 2)
-        if self.compiled_blocks:
-            timings.update(self.compiled_blocks.prepare())
-        return timings
+        self.fast_paths.prepare(phases)
 
     def plan(self, request: JobRequest) -> WanPlan:
         """Validate the Wan part of the payload."""
@@ -147,8 +141,7 @@ class WanFamily:
                 seed=plan.seed,
                 generation_seed=plan.seed,
             )
-            image = Image.fromarray(frames[0])
-            asset = GeneratedImage(image, metadata, encoded=encode_image_async(image))
+            asset = GeneratedImage(Image.fromarray(frames[0]), metadata)
         return Generation([asset], reference_mode=plan.reference_mode)
 
     def _run(self, plan: WanPlan, images: dict[str, Image.Image], progress: Progress) -> np.ndarray:

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import Field
 
 from src.contract import (
+    MAX_URL_CHARS,
     GenerationConfig,
     JobError,
     JobRequest,
     ReferenceMetadata,
+    metadata_first,
     parse_section,
     pick_seed,
     resolve_denoise,
@@ -37,22 +40,44 @@ MAX_AREA = 1280 * 720
 DEFAULT_DENOISE = 0.15
 HIGH_RES_AREA = 1280 * 720  # from this area on, Wan uses flow shift 5.0 instead of 3.0
 
-# Where each reference comes from: mode -> ((section, key), ...), first present wins.
-REFERENCE_SOURCES = {
-    "single": (("config", "image"), ("metadata", "reference_image_url")),
-    "start": (("metadata", "start_reference_url"), ("config", "first_frame")),
-    "end": (("metadata", "end_reference_url"), ("config", "last_frame")),
+# Where each reference comes from: mode -> (metadata key, config key); metadata wins.
+REFERENCE_KEYS = {
+    "single": ("reference_image_url", "image"),
+    "start": ("start_reference_url", "first_frame"),
+    "end": ("end_reference_url", "last_frame"),
 }
+
+
+def _url(description: str) -> Any:
+    return Field(None, min_length=1, max_length=MAX_URL_CHARS, description=description)
 
 
 class WanConfig(GenerationConfig):
     """Wan ``config``: the shared keys plus length and reference URLs."""
 
-    num_frames: int | None = Field(None, ge=1, le=MAX_FRAMES)
-    duration_seconds: float | None = Field(None, gt=0, le=(MAX_FRAMES - 1) / FPS)
-    image: str | None = Field(None, min_length=1, max_length=4096)
-    first_frame: str | None = Field(None, min_length=1, max_length=4096)
-    last_frame: str | None = Field(None, min_length=1, max_length=4096)
+    num_frames: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_FRAMES,
+        description=f"Video frames at {FPS} fps, normalised to the nearest 4k+1, 5-{MAX_FRAMES}. "
+        f"Default {DEFAULT_FRAMES}. Video types only.",
+    )
+    duration_seconds: float | None = Field(
+        None,
+        gt=0,
+        le=(MAX_FRAMES - 1) / FPS,
+        description=f"Video length in seconds, instead of num_frames (duration x {FPS} + 1 frames).",
+    )
+    image: str | None = _url("Reference image URL (single mode); metadata.reference_image_url wins.")
+    first_frame: str | None = _url("First-frame image URL (start mode); metadata.start_reference_url wins.")
+    last_frame: str | None = _url("Last-frame image URL (end mode); metadata.end_reference_url wins.")
+
+
+class WanMetadata(ReferenceMetadata):
+    """Wan ``metadata``: the reference keys plus the start and end frames."""
+
+    start_reference_url: str | None = _url("URL of the image the video starts with (start mode).")
+    end_reference_url: str | None = _url("URL of the image the video ends with (end mode).")
 
 
 @dataclass(frozen=True)
@@ -67,7 +92,6 @@ class Reference:
 class WanPlan:
     """Everything needed to run one Wan job."""
 
-    job_type: str
     is_video: bool
     prompt: str
     negative_prompt: str | None
@@ -116,15 +140,14 @@ def _frames(config: WanConfig, is_video: bool) -> int:
     return frames
 
 
-def _references(config: WanConfig, metadata: ReferenceMetadata) -> dict[str, Reference]:
-    sections = {"config": config, "metadata": metadata}
+def _references(config: WanConfig, metadata: WanMetadata) -> dict[str, Reference]:
     found: dict[str, Reference] = {}
-    for mode, sources in REFERENCE_SOURCES.items():
-        for section, key in sources:
-            url = getattr(sections[section], key)
-            if url is not None:
-                found[mode] = Reference(url, f"{section}.{key}")
-                break
+    for mode, (metadata_key, config_key) in REFERENCE_KEYS.items():
+        from_metadata = getattr(metadata, metadata_key)
+        url = metadata_first(from_metadata, getattr(config, config_key))
+        if url is not None:
+            where = f"metadata.{metadata_key}" if from_metadata is not None else f"config.{config_key}"
+            found[mode] = Reference(url, where)
     return found
 
 
@@ -145,7 +168,7 @@ def plan_wan(request: JobRequest) -> WanPlan:
     """Apply the Wan rules to a validated request."""
     default_steps, default_guidance, is_video = DEFAULTS[request.type]
     config = parse_section(WanConfig, request.config, "config")
-    metadata = parse_section(ReferenceMetadata, request.metadata, "metadata")
+    metadata = parse_section(WanMetadata, request.metadata, "metadata")
     size = resolve_size(config, **SIZE_BOUNDS) or DEFAULT_SIZE
     if size[0] * size[1] > MAX_AREA:
         raise JobError("config.width", f"{size[0]}x{size[1]} is more than {MAX_AREA} pixels (1280x720)")
@@ -157,7 +180,6 @@ def plan_wan(request: JobRequest) -> WanPlan:
     mode = _reference_mode(references, is_video)
     denoise = resolve_denoise(metadata, config, DEFAULT_DENOISE) if references else None
     return WanPlan(
-        job_type=request.type,
         is_video=is_video,
         prompt=prompt,
         negative_prompt=request.negative_prompt,
