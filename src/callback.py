@@ -1,4 +1,4 @@
-"""The callback-shaped result the handler returns (the seed's contract)."""
+"""The callback-shaped result the handler returns (the original system's contract)."""
 
 from __future__ import annotations
 
@@ -12,18 +12,17 @@ def completed(
     generation_time: float,
     job_type: str,
     reference_mode: str,
+    ignored_keys: list[str] | None = None,
 ) -> dict[str, Any]:
-    """A finished job: every asset is already stored."""
-    return {
-        "job_id": job_id,
-        "status": "completed",
-        "assets": assets,
-        "metadata": {
-            "generation_time": round(generation_time, 3),
-            "job_type": job_type,
-            "reference_mode": reference_mode,
-        },
+    """A finished job: every asset is already stored. ``ignored_keys``: payload keys nothing read."""
+    metadata: dict[str, Any] = {
+        "generation_time": round(generation_time, 3),
+        "job_type": job_type,
+        "reference_mode": reference_mode,
     }
+    if ignored_keys:
+        metadata["ignored_keys"] = ignored_keys
+    return {"job_id": job_id, "status": "completed", "assets": assets, "metadata": metadata}
 
 
 def failed(job_id: str | None, error: str) -> dict[str, Any]:

@@ -13,10 +13,11 @@ Keys accepted in both ``config`` and ``metadata`` (``denoise_strength``,
 
 from __future__ import annotations
 
+import difflib
 import logging
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,12 @@ class JobError(Exception):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message`` (the type alone when there is no message)."""
+    first = (str(err).strip().splitlines() or [""])[0][:limit]
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 class Section(BaseModel):
@@ -74,6 +81,46 @@ class JobRequest(Section):
     )
 
 
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
+class LoraSpec(Section):
+    """One LoRA of a job: a URL or a name in LORAS_DIR, and its scale."""
+
+    url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_URL_CHARS,
+        description="http(s) URL of a .safetensors LoRA file (fetched like reference images, cached by "
+        "content). Give url or name.",
+    )
+    name: str | None = Field(
+        None,
+        pattern=LORA_NAME_PATTERN,
+        description="A LoRA file in LORAS_DIR, without its .safetensors extension. Give url or name.",
+    )
+    scale: float = Field(1.0, ge=-2, le=2, description="How strongly the LoRA applies, -2 to 2. Default 1.0.")
+    sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9A-Fa-f]{64}$",
+        description="The file's SHA-256 (64 hex digits): checked, and a cached file with it is reused "
+        "whatever the URL (signed URLs change per request).",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _no_parent(cls, name: str | None) -> str | None:
+        if name is not None and ".." in name:
+            raise ValueError("must not contain '..': a file in LORAS_DIR, not a path")
+        return name
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LoraSpec:
+        if (self.url is None) == (self.name is None):
+            raise ValueError("give exactly one of url and name")
+        return self
+
+
 class GenerationConfig(Section):
     """``config`` keys shared by every family."""
 
@@ -98,6 +145,11 @@ class GenerationConfig(Section):
         ge=0,
         le=1,
         description="Reference jobs: how much is regenerated, 0-1 (metadata.denoise_strength wins).",
+    )
+    loras: list[LoraSpec] = Field(
+        default_factory=list,
+        description="LoRA adapters for this job, applied in order (at most MAX_LORAS, default 4). Each "
+        "asset's metadata lists them.",
     )
 
 
@@ -126,14 +178,28 @@ _PATTERN_HINTS = {
     "id": "must be 1-128 characters of A-Z a-z 0-9 _ -, starting with a letter or digit",
     "user_id": "must be 1-128 characters of A-Z a-z 0-9 _ -, starting with a letter or digit",
     "resolution": "must look like 1024x768 (WIDTHxHEIGHT)",
+    "name": "must be a file name in LORAS_DIR without its extension: 1-128 characters of A-Z a-z 0-9 _ . -, "
+    "starting with a letter or digit (no / or ..)",
+    "sha256": "must be 64 hexadecimal digits",
 }
+
+
+def field_path(prefix: str, loc: tuple[int | str, ...]) -> str:
+    """``config`` + ``("loras", 1, "url")`` -> ``config.loras[1].url``."""
+    path = prefix
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part != "":
+            path = f"{path}.{part}" if path else str(part)
+    return path
 
 
 def _describe(err: ValidationError, prefix: str) -> JobError:
     """The first validation error as ``field: reason``."""
     first = err.errors()[0]
-    path = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "")
-    reason = first["msg"]
+    path = field_path(prefix, first["loc"])
+    reason = first["msg"].removeprefix("Value error, ")
     if first["type"] == "string_pattern_mismatch":
         reason = _PATTERN_HINTS.get(str(first["loc"][-1]), reason)
     elif first["type"] == "dict_type":
@@ -159,6 +225,33 @@ def parse_request(job: dict[str, Any]) -> JobRequest:
     if payload.get("id") in (None, ""):
         payload = {**payload, "id": job.get("id")}
     return parse_section(JobRequest, payload)
+
+
+def unknown_keys(job: dict[str, Any], config_model: type[BaseModel]) -> list[JobError]:
+    """Keys the worker does not read at the top level and in ``config``, each with a did-you-mean.
+
+    ``metadata`` stays open: platforms keep their own fields there.
+    """
+    payload = job.get("input") if isinstance(job.get("input"), dict) else {}
+    config = payload.get("config") if isinstance(payload.get("config"), dict) else {}
+    found = []
+    sections: list[tuple[str, Any, type[BaseModel]]] = [
+        ("", payload, JobRequest),
+        ("config.", config, config_model),
+    ]
+    loras = config.get("loras")
+    if isinstance(loras, list):
+        sections += [
+            (f"config.loras[{i}].", lora, LoraSpec) for i, lora in enumerate(loras) if isinstance(lora, dict)
+        ]
+    for prefix, keys, model in sections:
+        known = list(model.model_fields)
+        for key in keys:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                found.append(JobError(f"{prefix}{key}", f"unknown key{hint}"))
+    return found
 
 
 def metadata_first(metadata_value: T | None, config_value: T | None) -> T | None:

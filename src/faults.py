@@ -22,8 +22,8 @@ def is_gpu_fault(err: BaseException) -> bool:
 def describe_gpu_fault(err: BaseException) -> str:
     """A one-line reason for the error string."""
     kind = "out of memory" if isinstance(err, torch.OutOfMemoryError) else "CUDA error"
-    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-    return f"GPU {kind}, this worker will be replaced: {first_line}"
+    message = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    return f"GPU {kind}, this worker will be replaced: {message}"
 
 
 def release_gpu_memory() -> None:

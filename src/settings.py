@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+BUCKET_VARIABLES = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY")
+
 
 class StartupError(RuntimeError):
     """The worker cannot start as configured; the message says what to fix."""
@@ -48,6 +50,21 @@ class Settings(BaseSettings):
     storage_max_attempts: int = Field(
         5, ge=1, le=20, description="Attempts per S3 request; transient faults are retried with backoff."
     )
+    storage_check: bool = Field(
+        True,
+        description="At start-up, check that the bucket answers (one HEAD request, a few seconds at most) "
+        "and refuse to start with one line naming the endpoint and bucket if it does not.",
+    )
+    strict_payloads: bool = Field(
+        False,
+        description="Refuse jobs with unknown keys at the top level or in `config` (with a did-you-mean). "
+        "Off: such jobs run, the job log warns and the result's metadata lists them as `ignored_keys`.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO",
+        description="Log level of the worker and the runpod SDK. Below DEBUG, library warnings that mean "
+        "nothing to a user (transformers, diffusers, torch) and weight-loading progress bars are hidden.",
+    )
 
     max_reference_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest reference image download.")
     max_reference_pixels: int = Field(
@@ -56,6 +73,23 @@ class Settings(BaseSettings):
     reference_timeout_s: float = Field(20.0, gt=0, description="Time allowed for one reference download.")
     progress_interval_s: float = Field(
         2.0, ge=0, description="At most one progress update per interval (RunPod's /status shows it)."
+    )
+
+    max_loras: int = Field(4, ge=0, le=16, description="Most LoRAs one job may name in config.loras.")
+    max_lora_bytes: int = Field(2**30, gt=0, description="Largest LoRA file a job may download, in bytes.")
+    lora_timeout_s: float = Field(120.0, gt=0, description="Time allowed for one LoRA download, in seconds.")
+    loras_dir: Path | None = Field(
+        None,
+        description="Where LoRAs named by `name` live, as <name>.safetensors (default MODELS_DIR/loras; "
+        "a network volume, say). Nothing outside it is read.",
+    )
+    lora_cache_dir: Path = Field(
+        Path("/tmp/lora-cache"),
+        description="Downloaded LoRAs, kept by content: the same URL, or the same sha256, downloads "
+        "nothing the second time. Not writable: each job downloads to a temporary file.",
+    )
+    lora_cache_gb: float = Field(
+        20.0, gt=0, description="Largest size of LORA_CACHE_DIR in GB; least recently used files go first."
     )
 
     compile: Literal["auto", "on", "off"] = Field(
@@ -107,13 +141,21 @@ class Settings(BaseSettings):
         bucket = [self.bucket_endpoint_url, self.bucket_access_key_id, self.bucket_secret_access_key]
         if self.local_storage_dir is not None and any(bucket):
             raise ValueError("set either LOCAL_STORAGE_DIR or the BUCKET_* variables, not both")
-        if self.local_storage_dir is None and not all(bucket):
+        if self.local_storage_dir is None and not any(bucket):
             raise ValueError(
                 "no storage configured: set BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID and "
                 "BUCKET_SECRET_ACCESS_KEY (and optionally BUCKET_NAME, BUCKET_REGION), "
                 "or LOCAL_STORAGE_DIR for local development"
             )
+        if self.local_storage_dir is None and not all(bucket):
+            missing = [name for name, value in zip(BUCKET_VARIABLES, bucket, strict=True) if not value]
+            raise ValueError(f"the bucket is only partly configured: set {' and '.join(missing)} too")
         return self
+
+    @property
+    def loras_path(self) -> Path:
+        """LORAS_DIR, or MODELS_DIR/loras."""
+        return self.loras_dir or self.models_dir / "loras"
 
     @property
     def compile_cache_path(self) -> Path:

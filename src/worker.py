@@ -7,12 +7,12 @@ from typing import Any
 
 from src.acceleration import configure_cuda_allocator
 from src.callback import completed, failed
-from src.contract import JobError, JobRequest, parse_request
+from src.contract import JobError, JobRequest, one_line, parse_request, unknown_keys
 from src.families import ModelFamily, all_job_types, load_families
 from src.faults import describe_gpu_fault, is_gpu_fault, release_gpu_memory
 from src.joblog import JobLog, preview, redact
 from src.media.assets import Generation, store_generation
-from src.media.storage import JobObjects, Storage, build_storage
+from src.media.storage import JobObjects, Storage, build_storage, is_outage
 from src.progress import Progress, Sender, runpod_sender
 from src.settings import Settings
 
@@ -50,7 +50,8 @@ class Worker:
             job_id = request.id
             job_log.bind(request.id, request.type)
             family = self._family_for(request.type)
-            plan = family.plan(request)
+            unknown = self._unknown_keys(job, family, job_log)
+            plan = self._plan(family, request, unknown)
             job_log.stage("planned", family=family.name)
             progress = Progress(job, self._progress_sender, self.settings.progress_interval_s)
             generation = family.generate(plan, progress)
@@ -69,7 +70,27 @@ class Worker:
             generation_time=elapsed,
             job_type=request.type,
             reference_mode=generation.reference_mode,
+            ignored_keys=[err.field for err in unknown],
         )
+
+    def _unknown_keys(self, job: dict[str, Any], family: ModelFamily, job_log: JobLog) -> list[JobError]:
+        """Payload keys nothing reads: refused with STRICT_PAYLOADS, else logged (and reported)."""
+        unknown = unknown_keys(job, family.config_model)
+        if unknown and self.settings.strict_payloads:
+            raise unknown[0]
+        if unknown:
+            job_log.stage("ignored_keys", logging.WARNING, keys=[str(err) for err in unknown])
+        return unknown
+
+    @staticmethod
+    def _plan(family: ModelFamily, request: JobRequest, unknown: list[JobError]) -> Any:
+        """The family's plan; a refusal also names the unknown keys (a misspelt key is the likely cause)."""
+        try:
+            return family.plan(request)
+        except JobError as err:
+            if not unknown:
+                raise
+            raise JobError(err.field, f"{err.reason} ({'; '.join(map(str, unknown))})") from None
 
     def _store(self, request: JobRequest, generation: Generation, job_log: JobLog) -> list[dict[str, Any]]:
         """Store every asset, or none: a partly stored job removes what it stored."""
@@ -77,9 +98,13 @@ class Worker:
         try:
             assets = store_generation(objects, request.user_id, request.id, generation)
         except Exception as err:
+            if not is_outage(err):  # a bug, not the service: its traceback helps
+                log.error("job %s: storing assets failed", request.id, exc_info=err)
             left = objects.remove_all()
-            log.exception("job %s: storing assets failed; could not remove %s", request.id, left or "nothing")
-            raise JobError("storage", f"could not store the assets: {type(err).__name__}: {err}") from None
+            reason = f"could not store the assets: {one_line(err)}"
+            if left:
+                reason += f"; {len(left)} stored objects could not be removed: {', '.join(left)}"
+            raise JobError("storage", reason) from None
         job_log.stage("stored", objects=len(objects.keys))
         return assets
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -150,11 +151,13 @@ class ImageServer:
     def __init__(self) -> None:
         self.bodies: dict[str, tuple[bytes, str]] = {}
         self.routes: dict[str, Callable[[http.server.BaseHTTPRequestHandler], None]] = {}
-        bodies, routes = self.bodies, self.routes
+        self.hits: Counter[str] = Counter()  # GET requests per path
+        bodies, routes, hits = self.bodies, self.routes, self.hits
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
+                hits[path] += 1
                 if path in routes:
                     routes[path](self)
                     return

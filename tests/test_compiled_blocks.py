@@ -13,9 +13,12 @@ import torch
 from PIL import Image
 
 from src.fast_path import FastPaths, UnavailableError
+from src.loras.apply import loras_applied
+from src.loras.files import LoraFile
 from src.timing import Phases
 from src.wan import family as wan
 from src.wan.compiled_blocks import BlockKind, block_kinds
+from tests import loras as kit
 from tests.conftest import tiny_settings
 
 STEPS = 2
@@ -125,6 +128,26 @@ def test_reference_video_runs_every_block_through_the_packages(
     assert [len(spy.tokens) for spy in spies] == [STEPS * 2 * count for count in blocks]
     assert {token for spy in spies for token in spy.tokens} == {tokens}
     np.testing.assert_allclose(got, _video(eager.vace, 64, 64, 9, reference_images=[gray]), atol=1e-4)
+
+
+def test_a_lora_runs_through_the_packages_like_eager(
+    families: tuple[Any, Any], spies: list[TokenSpy], tmp_path: Path
+) -> None:
+    """The LoRA is merged into each block's own weights, which the package takes as inputs."""
+    compiled, eager = families
+    path = tmp_path / "lora.safetensors"
+    factors = kit.factors(compiled.text2video.transformer, kit.WAN_TARGETS, 4, 9, "transformer.")
+    path.write_bytes(kit.to_bytes(kit.peft_layout(factors)))
+    lora = [LoraFile(path, "0" * 64, 1.0, "config.loras[0]", {"name": "lora"})]
+    plain = _video(compiled.text2video, 64, 64, 9)
+    videos = []
+    for family in (compiled, eager):
+        with loras_applied(family.text2video, ["transformer"], lora, "Wan"):
+            videos.append(_video(family.text2video, 64, 64, 9))
+    assert len(spies[0].tokens) == 2 * STEPS * 2 * len(compiled.text2video.transformer.blocks)
+    np.testing.assert_allclose(videos[0], videos[1], atol=1e-4)
+    assert np.abs(videos[0] - plain).max() > 0.05  # the LoRA changed the video
+    np.testing.assert_array_equal(_video(compiled.text2video, 64, 64, 9), plain)  # and left nothing
 
 
 def test_calls_unlike_the_recorded_ones_run_the_eager_block(

@@ -4,6 +4,7 @@ eager for what it was not compiled for, reused by the next worker, rebuilt when 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from src import aot_package
 from src.aot_package import AotPackage
@@ -22,7 +24,8 @@ from src.sdxl.compiled_unet import CompiledUnet
 from src.sdxl.family import COMPILED_SIZE
 from src.settings import StartupError
 from src.timing import Phases
-from src.worker import start_worker
+from src.worker import Worker, start_worker
+from tests import loras as kit
 from tests.aot import LATENT, CallSpy, pipe_images
 from tests.conftest import list_keys, tiny_settings
 
@@ -182,6 +185,46 @@ def test_worker_serves_1024_jobs_from_the_package(s3: Any, s3_endpoint: str, pac
         assert len(list_keys(s3, "aot/aot-1024/")) == 4
     finally:
         family.fast_paths.undo()
+
+
+def test_lora_jobs_keep_the_package_and_match_the_eager_lora_job(
+    s3: Any, s3_endpoint: str, package_dir: Path, sdxl_worker: Any, tmp_path: Path
+) -> None:
+    """The LoRA is merged into the UNet's own tensors, which the package runs on: the compiled
+    path serves the LoRA job (nothing compiles) with the eager path's image."""
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    compiled = start_worker(
+        tiny_settings(s3_endpoint, ["sdxl"], compile="on", compile_cache_dir=package_dir, loras_dir=loras)
+    )
+    (family,) = compiled.families
+    pipe = family.text2img
+    lora = kit.join(
+        kit.factors(pipe.unet, kit.SDXL_UNET_TARGETS, 4, 7, "unet."),
+        kit.factors(pipe.text_encoder_2, kit.SDXL_TEXT_TARGETS, 4, 8, "text_encoder_2."),
+    )
+    (loras / "style.safetensors").write_bytes(kit.to_bytes(kit.peft_layout(lora)))
+    eager = Worker(compiled.settings, compiled.storage, sdxl_worker.families)
+    sdxl_worker.families[0].loras.loras_dir = loras
+    unet = family.fast_paths.named("sdxl-unet")
+    try:
+        unet.package.runner = spy = CallSpy(unet.package.runner)
+        images = []
+        for worker, job_id in ((compiled, "aot-lora"), (eager, "eager-lora"), (compiled, "aot-plain")):
+            config = {"num_inference_steps": 2, "seed": 4, "loras": [{"name": "style", "scale": 0.9}]}
+            if job_id.endswith("plain"):
+                del config["loras"]
+            payload = {"type": "sdxl_image_fast", "prompt": "a boat", "user_id": "aot", "config": config}
+            result = worker.handle({"id": job_id, "input": {"id": job_id, **payload}})
+            key = result["assets"][0]["url"].split("/", 1)[1]
+            body = s3.get_object(Bucket="workspace-temp", Key=key)["Body"].read()
+            images.append(np.asarray(Image.open(io.BytesIO(body)), dtype=np.int16))
+        assert spy.batches == [2, 2, 2, 2]  # both compiled jobs' two steps ran in the package
+        assert np.abs(images[0] - images[1]).max() <= 2  # the LoRA job: compiled == eager
+        assert np.abs(images[0] - images[2]).max() > 20  # and the LoRA did change the image
+    finally:
+        family.fast_paths.undo()
+        sdxl_worker.families[0].loras.loras_dir = sdxl_worker.settings.loras_path
 
 
 def test_compile_on_refuses_to_start_when_a_package_cannot_serve(

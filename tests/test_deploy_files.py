@@ -196,6 +196,19 @@ def test_hub_tests_are_valid_jobs_on_a_startable_worker(monkeypatch: pytest.Monk
 
     settings = load_settings()  # the Hub's test worker has a storage backend and starts
     assert settings.model_profile == "full"
+    # a fresh test worker must not spend its tests' timeout compiling packages first
+    assert settings.compile == "off"
+    assert all(test.get("timeout", 0) <= 600_000 for test in tests["tests"])
+
+
+def test_readme_cuda_versions_are_the_hub_files() -> None:
+    allowed = load_json(".runpod/hub.json")["config"]["allowedCudaVersions"]
+    bullet = re.search(
+        r"^- \*\*CUDA versions\*\*: (.*?)(?=^- |\Z)", readme_section("Deploy on RunPod"), re.S | re.M
+    )
+    assert bullet, "README's deploy section has no CUDA versions bullet"
+    default_torch = bullet.group(1).split("With torch built")[0]
+    assert sorted(set(re.findall(r"`(\d+\.\d+)`", default_torch))) == sorted(allowed)
 
 
 # --------------------------------------------------------------------------- README

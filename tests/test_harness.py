@@ -18,7 +18,16 @@ from PIL import Image
 
 from tests.conftest import BUCKET, REPO, TEST_MODELS_DIR, free_port, list_keys
 
-WORKER_VARS = ("BUCKET_", "LOCAL_STORAGE_DIR", "MODEL", "WORKER_MODELS", "RUNPOD_", "DEVICE")
+WORKER_VARS = (
+    "BUCKET_",
+    "LOCAL_STORAGE_DIR",
+    "MODEL",
+    "WORKER_MODELS",
+    "RUNPOD_",
+    "DEVICE",
+    "LOG_LEVEL",
+    "STORAGE_",
+)
 
 
 def worker_env(**values: str) -> dict[str, str]:
@@ -28,9 +37,13 @@ def worker_env(**values: str) -> dict[str, str]:
 
 
 def tiny_env(**values: str) -> dict[str, str]:
-    return worker_env(
-        MODEL_PROFILE="tiny", MODELS_DIR=str(TEST_MODELS_DIR), WORKER_MODELS="sdxl", DEVICE="cpu", **values
-    )
+    defaults = {
+        "MODEL_PROFILE": "tiny",
+        "MODELS_DIR": str(TEST_MODELS_DIR),
+        "WORKER_MODELS": "sdxl",
+        "DEVICE": "cpu",
+    }
+    return worker_env(**{**defaults, **values})
 
 
 def handler(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
-import socket
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from requests import RequestException, Response
 
 from src.contract import JobError
-from src.runpod_sdk import rp_ssrf
+from src.media.download import Download, download
 from src.settings import Settings
-
-_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -34,57 +28,11 @@ class FetchLimits:
 
 
 def fetch_reference(url: str, field: str, limits: FetchLimits) -> Image.Image:
-    """Download ``url`` and return it as an RGB image; failures name ``field``.
-
-    The runpod SDK's ``safe_get`` refuses private, loopback and metadata
-    addresses (unless ``RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=true``), pins the
-    resolved address and re-checks every redirect. The body is capped in bytes
-    and in total time, and the pixel count is checked before decoding.
-    """
-    data = _download(url, field, limits)
-    return decode_image(data, field, limits.max_pixels)
-
-
-def _download(url: str, field: str, limits: FetchLimits) -> bytes:
-    try:
-        response = rp_ssrf.safe_get(url, timeout=limits.timeout_s, max_bytes=limits.max_bytes)
-    except rp_ssrf.SSRFError as err:
-        raise JobError(field, _refusal(err, limits)) from None
-    except RequestException as err:
-        raise JobError(field, f"could not fetch the reference image: {type(err).__name__}") from None
-    # A server that drips bytes never trips a per-read timeout: cut the socket at the deadline.
-    timed_out = threading.Event()
-    watchdog = threading.Timer(limits.timeout_s, _abort, args=(response, timed_out))
-    watchdog.start()
-    try:
-        with response:
-            if response.status_code != 200:
-                raise JobError(field, f"could not fetch the reference image: HTTP {response.status_code}")
-            return b"".join(rp_ssrf.iter_content_capped(response, _CHUNK, limits.max_bytes))
-    except rp_ssrf.SSRFError as err:
-        raise JobError(field, _refusal(err, limits)) from None
-    except (RequestException, OSError) as err:
-        if timed_out.is_set():
-            raise JobError(field, f"reference download took longer than {limits.timeout_s:g} s") from None
-        raise JobError(field, f"could not fetch the reference image: {type(err).__name__}") from None
-    finally:
-        watchdog.cancel()
-
-
-def _refusal(err: rp_ssrf.SSRFError, limits: FetchLimits) -> str:
-    if "size cap" in str(err):
-        return f"reference image is larger than {limits.max_bytes} bytes"
-    return f"refused to fetch the reference image: {err}"
-
-
-def _abort(response: Response, timed_out: threading.Event) -> None:
-    """Shut the response's socket so a blocked read returns at once."""
-    timed_out.set()
-    socket_io = getattr(getattr(getattr(response.raw, "_fp", None), "fp", None), "raw", None)
-    sock = getattr(socket_io, "_sock", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+    """Download ``url`` (SSRF-safe, capped: ``src/media/download.py``) and return it as an RGB
+    image; failures name ``field``. The pixel count is checked before decoding."""
+    body = io.BytesIO()
+    download(url, field, Download("reference image", limits.max_bytes, limits.timeout_s), body.write)
+    return decode_image(body.getvalue(), field, limits.max_pixels)
 
 
 def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:

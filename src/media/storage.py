@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from src.contract import one_line
 from src.settings import Settings, StartupError
 
 CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "mp4": "video/mp4"}
+SKIP_CHECK = "STORAGE_CHECK=false skips this check"
+CHECK_TIMEOUT_S = 5.0  # the start-up check's connect and read timeouts (one attempt)
 
 
 class Storage(Protocol):
@@ -28,11 +31,17 @@ class S3Storage:
     """An S3-compatible bucket: path-style addressing, checksums only when required."""
 
     def __init__(self, settings: Settings) -> None:
+        self.bucket = settings.bucket_name
+        self.endpoint = settings.bucket_endpoint_url
+        self._settings = settings
+        self._client = self._new_client(settings.storage_timeout_s, settings.storage_max_attempts)
+
+    def _new_client(self, timeout_s: float, attempts: int) -> Any:
         import boto3
         from botocore.config import Config
 
-        self.bucket = settings.bucket_name
-        self._client = boto3.client(
+        settings = self._settings
+        return boto3.client(
             "s3",
             endpoint_url=settings.bucket_endpoint_url,
             aws_access_key_id=settings.bucket_access_key_id,
@@ -42,11 +51,31 @@ class S3Storage:
                 s3={"addressing_style": "path"},
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
-                retries={"mode": "standard", "total_max_attempts": settings.storage_max_attempts},
-                connect_timeout=settings.storage_timeout_s,
-                read_timeout=settings.storage_timeout_s,
+                retries={"mode": "standard", "total_max_attempts": attempts},
+                connect_timeout=timeout_s,
+                read_timeout=timeout_s,
             ),
         )
+
+    def check(self) -> None:
+        """One HEAD of the bucket within CHECK_TIMEOUT_S; a one-line StartupError if it fails."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        where = f"bucket {self.bucket!r} at {self.endpoint}"
+        try:
+            self._new_client(CHECK_TIMEOUT_S, 1).head_bucket(Bucket=self.bucket)
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", "?"))
+            reason = {
+                "404": "does not exist",
+                "NoSuchBucket": "does not exist",
+                "403": "refuses these credentials (BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY)",
+            }.get(code, f"answered {code}")
+            raise StartupError(f"storage check: {where} {reason}; {SKIP_CHECK}") from None
+        except (BotoCoreError, OSError) as err:
+            raise StartupError(
+                f"storage check: cannot reach {where} ({one_line(err)}); {SKIP_CHECK}"
+            ) from None
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         """Upload one object."""
@@ -114,7 +143,17 @@ class JobObjects:
 
 
 def build_storage(settings: Settings) -> Storage:
-    """The storage backend the settings name (settings guarantee exactly one)."""
+    """The storage backend the settings name (settings guarantee exactly one), checked (STORAGE_CHECK)."""
     if settings.local_storage_dir is not None:
         return LocalStorage(settings.local_storage_dir, settings.bucket_name)
-    return S3Storage(settings)
+    storage = S3Storage(settings)
+    if settings.storage_check:
+        storage.check()
+    return storage
+
+
+def is_outage(err: BaseException) -> bool:
+    """True for what a storage service or the network can do (refuse, time out, answer an error)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return isinstance(err, BotoCoreError | ClientError | OSError)

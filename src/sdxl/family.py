@@ -12,6 +12,8 @@ from PIL import Image
 from src import acceleration
 from src.contract import JobRequest
 from src.fast_path import FastPath, FastPaths
+from src.loras.apply import loras_applied
+from src.loras.files import LoraFiles
 from src.media.assets import GeneratedImage, Generation
 from src.media.images import fit_cover, size_for_aspect, to_uint8
 from src.media.reference import FetchLimits, fetch_reference
@@ -30,6 +32,7 @@ REFERENCE_AREA = 1024 * 1024  # output area when the size follows the reference'
 WARM_UP_SIZE = 512
 # With COMPILE on, the UNet and VAE decode are compiled for this image size; other sizes run eagerly.
 COMPILED_SIZE = (1024, 1024)
+LORA_COMPONENTS = ["unet", "text_encoder", "text_encoder_2"]  # what SDXL LoRAs adapt
 
 
 class SdxlFamily:
@@ -45,12 +48,14 @@ class SdxlFamily:
         text2img: StableDiffusionXLPipeline,
         img2img: StableDiffusionXLImg2ImgPipeline,
         limits: FetchLimits,
+        loras: LoraFiles,
         fast_paths: FastPaths,
         warm_up_size: tuple[int, int] = (WARM_UP_SIZE, WARM_UP_SIZE),
     ) -> None:
         self.text2img = text2img
         self.img2img = img2img
         self.limits = limits
+        self.loras = loras
         self.fast_paths = fast_paths
         self.warm_up_size = warm_up_size
 
@@ -89,7 +94,8 @@ class SdxlFamily:
             }
             candidates += [GraphedTextEncoder(encoder, name) for name, encoder in encoders.items()]
         fast_paths = FastPaths(candidates, acceleration.required_settings(settings))
-        return cls(text2img, img2img, FetchLimits.from_settings(settings), fast_paths, warm_up_size)
+        limits = FetchLimits.from_settings(settings)
+        return cls(text2img, img2img, limits, LoraFiles.from_settings(settings), fast_paths, warm_up_size)
 
     def warm_up(self, phases: Phases) -> None:
         """Prepare the fast paths, then run both pipelines once so the first job pays no first-call cost.
@@ -109,15 +115,23 @@ class SdxlFamily:
         return plan_sdxl(request)
 
     def generate(self, plan: SdxlPlan, progress: Progress) -> Generation:
-        """Fetch the reference (if any), run the pipeline, return the images with metadata."""
+        """Fetch the reference (if any) and the LoRAs, run the pipeline with the LoRAs applied (the
+        models are as before once it returns), return the images with metadata."""
         reference = None
         if plan.reference_url is not None:
             reference = fetch_reference(plan.reference_url, "metadata.reference_image_url", self.limits)
         size = plan.size or size_for_aspect(*reference.size, area=REFERENCE_AREA, **SIZE_BOUNDS)
-        images = self._run(plan, size, reference, progress)
+        loras = self.loras.resolve(plan.loras)
+        try:
+            with loras_applied(self.text2img, LORA_COMPONENTS, loras, "SDXL"):  # img2img shares the models
+                images = self._run(plan, size, reference, progress)
+        finally:
+            self.loras.release(loras)
         extra: dict[str, Any] = {}
         if plan.denoise_strength is not None:
             extra["denoise_strength"] = plan.denoise_strength
+        if loras:
+            extra["loras"] = [lora.metadata for lora in loras]
         assets = [
             GeneratedImage(
                 image, {**extra, "steps": plan.steps, "guidance_scale": plan.guidance_scale, "seed": seed}

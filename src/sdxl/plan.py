@@ -7,7 +7,7 @@ request.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import Field
 
@@ -15,6 +15,7 @@ from src.contract import (
     GenerationConfig,
     JobError,
     JobRequest,
+    LoraSpec,
     ReferenceMetadata,
     metadata_first,
     parse_section,
@@ -67,6 +68,7 @@ class SdxlPlan:
     reference_url: str | None = None
     denoise_strength: float | None = None
     exact_copy: bool = False
+    loras: list[LoraSpec] = field(default_factory=list)
 
     @property
     def schedule_steps(self) -> int:
@@ -110,6 +112,7 @@ def plan_sdxl(request: JobRequest) -> SdxlPlan:
             seeds=seeds,
             steps=config.num_inference_steps or default_steps,
             guidance_scale=_or(config.guidance_scale, default_guidance),
+            loras=config.loras,
         )
 
     denoise = resolve_denoise(metadata, config, DEFAULT_DENOISE)
@@ -135,6 +138,7 @@ def plan_sdxl(request: JobRequest) -> SdxlPlan:
         reference_url=reference_url,
         denoise_strength=denoise,
         exact_copy=exact_copy,
+        loras=config.loras,
     )
 
 

@@ -22,6 +22,8 @@ from PIL import Image
 from src import acceleration
 from src.contract import JobRequest
 from src.fast_path import FastPaths
+from src.loras.apply import loras_applied
+from src.loras.files import LoraFiles
 from src.media.assets import GeneratedImage, GeneratedVideo, Generation
 from src.media.images import to_uint8
 from src.media.reference import FetchLimits, fetch_reference
@@ -61,11 +63,17 @@ class WanFamily:
     metadata_model = WanMetadata
 
     def __init__(
-        self, text2video: WanPipeline, vace: WanVACEPipeline, limits: FetchLimits, fast_paths: FastPaths
+        self,
+        text2video: WanPipeline,
+        vace: WanVACEPipeline,
+        limits: FetchLimits,
+        loras: LoraFiles,
+        fast_paths: FastPaths,
     ) -> None:
         self.text2video = text2video
         self.vace = vace
         self.limits = limits
+        self.loras = loras
         self.fast_paths = fast_paths
 
     @classmethod
@@ -103,7 +111,8 @@ class WanFamily:
             tokens = (video_tokens(text2video, *TUNED_FOR), video_tokens(text2video, *MAX_SIZE))
             kinds = block_kinds(transformers, settings.compile_cache_path, tokens, attention)
         fast_paths = FastPaths(kinds, acceleration.required_settings(settings))
-        return cls(text2video, vace, FetchLimits.from_settings(settings), fast_paths)
+        limits = FetchLimits.from_settings(settings)
+        return cls(text2video, vace, limits, LoraFiles.from_settings(settings), fast_paths)
 
     def warm_up(self, phases: Phases) -> None:
         """Run both pipelines once, small, so the first job pays no first-call cost; then prepare
@@ -123,14 +132,23 @@ class WanFamily:
         return plan_wan(request)
 
     def generate(self, plan: WanPlan, progress: Progress) -> Generation:
-        """Fetch references, run T2V or VACE, return one video (or one image)."""
+        """Fetch references and LoRAs, run T2V or VACE with the LoRAs applied (the models are as before
+        once it returns), return one video (or one image)."""
         images = {
             mode: fetch_reference(ref.url, ref.field, self.limits) for mode, ref in plan.references.items()
         }
-        frames = self._run(plan, images, progress)
+        pipe = self.vace if images else self.text2video
+        loras = self.loras.resolve(plan.loras)
+        try:
+            with loras_applied(pipe, ["transformer"], loras, "Wan"):
+                frames = self._run(pipe, plan, images, progress)
+        finally:
+            self.loras.release(loras)
         metadata: dict[str, Any] = {}
         if plan.denoise_strength is not None:
             metadata["denoise_strength"] = plan.denoise_strength
+        if loras:
+            metadata["loras"] = [lora.metadata for lora in loras]
         if plan.is_video:
             metadata.update(generation_seed=plan.seed, seed=plan.seed)
             asset: GeneratedImage | GeneratedVideo = GeneratedVideo(frames, FPS, metadata)
@@ -144,13 +162,18 @@ class WanFamily:
             asset = GeneratedImage(Image.fromarray(frames[0]), metadata)
         return Generation([asset], reference_mode=plan.reference_mode)
 
-    def _run(self, plan: WanPlan, images: dict[str, Image.Image], progress: Progress) -> np.ndarray:
+    def _run(
+        self,
+        pipe: WanPipeline | WanVACEPipeline,
+        plan: WanPlan,
+        images: dict[str, Image.Image],
+        progress: Progress,
+    ) -> np.ndarray:
         def on_step(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
             progress.step(step + 1, plan.steps)
             return tensors
 
         width, height = plan.size
-        pipe = self.vace if images else self.text2video
         pipe.scheduler = UniPCMultistepScheduler.from_config(
             pipe.scheduler.config, flow_shift=plan.flow_shift
         )

@@ -16,6 +16,7 @@ from src.contract import (
     GenerationConfig,
     JobError,
     JobRequest,
+    LoraSpec,
     ReferenceMetadata,
     metadata_first,
     parse_section,
@@ -103,6 +104,7 @@ class WanPlan:
     reference_mode: str = "none"
     references: dict[str, Reference] = field(default_factory=dict)
     denoise_strength: float | None = None
+    loras: list[LoraSpec] = field(default_factory=list)
 
     @property
     def conditioning_scale(self) -> float:
@@ -191,4 +193,5 @@ def plan_wan(request: JobRequest) -> WanPlan:
         reference_mode=mode,
         references=references,
         denoise_strength=denoise,
+        loras=config.loras,
     )
