@@ -5,8 +5,8 @@ written exactly where and how the real baked weights live (see src/models.py):
 
 - ``MODELS_DIR/sdxl``: StableDiffusionXLPipeline, fp16, fp16-fix VAE config (``force_upcast: false``)
 - ``MODELS_DIR/wan-t2v``: WanPipeline, bf16 transformer and UMT5-XXL, fp32 VAE
-- ``MODELS_DIR/wan-vace``: ``model_index.json``, ``transformer/`` (bf16) and ``scheduler/`` only
-  (the worker shares the rest from wan-t2v)
+- ``MODELS_DIR/wan-vace``, ``MODELS_DIR/wan-turbo``: ``model_index.json``, ``transformer/`` (bf16)
+  and ``scheduler/`` only (the worker shares the rest from wan-t2v)
 
 Modules are created on the GPU (fast init) directly in their storage dtype; weights are
 then overwritten with a small random normal so activations stay finite. Tokenizers are
@@ -150,8 +150,9 @@ def build_sdxl(target: Path) -> None:
     pipe.save_pretrained(target)
 
 
-def build_wan(t2v_dir: Path, vace_dir: Path) -> None:
-    """Wan 2.1 T2V 1.3B (bf16, UMT5-XXL bf16, VAE fp32) and VACE 1.3B (transformer + scheduler)."""
+def build_wan(t2v_dir: Path, vace_dir: Path, turbo_dir: Path) -> None:
+    """Wan 2.1 T2V 1.3B (bf16, UMT5-XXL bf16, VAE fp32), VACE 1.3B and FastWan 1.3B (each its
+    transformer + scheduler; the worker shares T2V's encoder and VAE)."""
     from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel, WanVACETransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -195,18 +196,22 @@ def build_wan(t2v_dir: Path, vace_dir: Path) -> None:
         ),
         8,
     )
-    vace_dir.mkdir(parents=True, exist_ok=True)
-    vace.save_pretrained(vace_dir / "transformer")
-    wan_scheduler().save_pretrained(vace_dir / "scheduler")
+    turbo = _randomise(_on_gpu(bf16, lambda: WanTransformer3DModel(**WAN_TRANSFORMER)), 9)
     index = json.loads((t2v_dir / "model_index.json").read_text())
-    index["_class_name"] = "WanVACEPipeline"
-    (vace_dir / "model_index.json").write_text(json.dumps(index, indent=2))
+    for directory, transformer, pipeline in (
+        (vace_dir, vace, "WanVACEPipeline"),
+        (turbo_dir, turbo, "WanPipeline"),
+    ):
+        directory.mkdir(parents=True, exist_ok=True)
+        transformer.save_pretrained(directory / "transformer")
+        wan_scheduler().save_pretrained(directory / "scheduler")
+        (directory / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline}, indent=2))
 
 
 def build(models_dir: Path, families: list[str]) -> dict[str, float]:
     """Build what is missing; returns seconds per family built."""
     times: dict[str, float] = {}
-    jobs = {"sdxl": (["sdxl"], build_sdxl), "wan": (["wan-t2v", "wan-vace"], build_wan)}
+    jobs = {"sdxl": (["sdxl"], build_sdxl), "wan": (["wan-t2v", "wan-vace", "wan-turbo"], build_wan)}
     for family in families:
         names, builder = jobs[family]
         dirs = [models_dir / name for name in names]

@@ -1,7 +1,9 @@
-"""The benchmark's jobs, their compute floors, and the summary table of a run's results."""
+"""The benchmark's jobs (payloads, the LoRAs some use), their compute floors, and the summary table."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 PEAK_TFLOPS = 790.0  # dense bf16/fp16 measured on the H100 (shared/reference/true-size-models.md)
@@ -14,12 +16,19 @@ SDXL_JOBS = {  # name -> (type, num_images, steps, guidance)
     "sdxl_high_1": ("sdxl_image_high", 1, 25, 7.5),
     "sdxl_high_3": ("sdxl_image_high", 3, 25, 7.5),
     "sdxl_fast_1": ("sdxl_image_fast", 1, 15, 6.0),
+    "sdxl_high_1_lora": ("sdxl_image_high", 1, 25, 7.5),
 }
 WAN_JOBS = {  # name -> (type, steps, guidance, reference)
     "video_fast": ("video_fast", 25, 6.5, False),
     "video_high": ("video_high", 50, 7.5, False),
     "video_fast_ref": ("video_fast", 25, 6.5, True),
+    "video_fast_lora": ("video_fast", 25, 6.5, False),
+    "video_turbo": ("video_turbo", 3, 1.0, False),
 }
+# Jobs with a LoRA (made by bench_loras, in LORAS_DIR) -> (its name, rank): a community-typical
+# SDXL LoRA (attention and feed-forward of every UNet block, both text encoders) and a Wan LoRA of
+# every block.
+LORA_JOBS = {"sdxl_high_1_lora": ("bench-sdxl", 64), "video_fast_lora": ("bench-wan", 32)}
 WAN_SIZE = (832, 480)
 WAN_FRAMES = 81
 
@@ -45,11 +54,56 @@ def floor_s(name: str) -> float:
     if name in SDXL_JOBS:
         _, images, steps, _ = SDXL_JOBS[name]
         return (steps * 2 * SDXL_UNET_TFLOP_PER_IMAGE * images + SDXL_VAE_TFLOP * images) / PEAK_TFLOPS
-    _, steps, _, reference = WAN_JOBS[name]
+    _, steps, guidance, reference = WAN_JOBS[name]
     latent_frames = (WAN_FRAMES - 1) // 4 + 1 + (1 if reference else 0)
     tokens = latent_frames * (WAN_SIZE[1] // 16) * (WAN_SIZE[0] // 16)
     blocks = 45 if reference else 30  # VACE: 30 main + 15 VACE blocks
-    return steps * 2 * wan_forward_tflop(tokens, blocks) / PEAK_TFLOPS
+    passes = 2 if guidance > 1 else 1  # classifier-free guidance: two forwards a step
+    return steps * passes * wan_forward_tflop(tokens, blocks) / PEAK_TFLOPS
+
+
+# ---------------------------------------------------------------- payloads and LoRAs
+def payload(name: str, reference_url: str | None, wan_steps: int | None = None) -> dict[str, Any]:
+    """The RunPod job for benchmark job ``name`` (seed 1)."""
+    config: dict[str, Any] = {"seed": 1}
+    metadata: dict[str, Any] = {}
+    if name in SDXL_JOBS:
+        job_type, images, _, _ = SDXL_JOBS[name]
+        config["num_images"] = images
+    else:
+        job_type = WAN_JOBS[name][0]
+        if wan_steps and job_type != "video_turbo":
+            config["num_inference_steps"] = wan_steps
+        if WAN_JOBS[name][3]:
+            metadata["reference_image_url"] = reference_url
+    if name in LORA_JOBS:
+        config["loras"] = [{"name": LORA_JOBS[name][0], "scale": 0.8}]
+    job_id = f"bench-{name}-{time.monotonic_ns()}"
+    body = {"id": job_id, "type": job_type, "prompt": PROMPT, "negative_prompt": NEGATIVE, "user_id": "bench"}
+    return {"id": job_id, "input": {**body, "config": config, "metadata": metadata}}
+
+
+def bench_loras(worker: Any, directory: Path, jobs: list[str]) -> None:
+    """Write the LoRAs the ``jobs`` name into ``directory`` (LORAS_DIR), shaped for the loaded models."""
+    from tests import loras as kit
+
+    directory.mkdir(parents=True, exist_ok=True)
+    families = {family.name: family for family in worker.families}
+    for job in (j for j in jobs if j in LORA_JOBS):
+        name, rank = LORA_JOBS[job]
+        if job in SDXL_JOBS:
+            pipe = families["sdxl"].text2img
+            parts = [kit.factors(pipe.unet, kit.SDXL_UNET_FULL, rank, 1, "unet.")]
+            parts += [
+                kit.factors(getattr(pipe, e), kit.SDXL_TEXT_FULL, rank, 2, f"{e}.")
+                for e in ("text_encoder", "text_encoder_2")
+            ]
+        else:
+            parts = [
+                kit.factors(families["wan"].text2video.transformer, kit.WAN_TARGETS, rank, 3, "transformer.")
+            ]
+        tensors = {k: v.half() for k, v in kit.peft_layout(kit.join(*parts)).items()}
+        (directory / f"{name}.safetensors").write_bytes(kit.to_bytes(tensors))
 
 
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
@@ -86,9 +140,19 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         summary["sdxl_high_1_speedup"] = get["sdxl_high_1"]["speedup"]
     if "worker_s" in get.get("sdxl_high_3", {}):
         summary["sdxl_high_3_per_image_s"] = round(get["sdxl_high_3"]["worker_s"] / 3, 3)
-    for job in ("video_high", "video_fast"):
+    for job in ("video_high", "video_fast", "video_turbo"):
         if "worker_s" in get.get(job, {}):
             summary[f"{job}_s"] = get[job]["worker_s"]
+    for job, base, key in (
+        ("sdxl_high_1_lora", "sdxl_high_1", "sdxl"),
+        ("video_fast_lora", "video_fast", "wan"),
+    ):
+        if "worker_s" in get.get(job, {}) and "worker_s" in get.get(base, {}):
+            summary[f"{key}_lora_overhead"] = round(get[job]["worker_s"] / get[base]["worker_s"], 3)
+    if "worker_s" in get.get("video_turbo", {}) and "worker_s" in get.get("video_fast", {}):
+        summary["video_turbo_speedup_over_video_fast"] = round(
+            get["video_fast"]["worker_s"] / get["video_turbo"]["worker_s"], 2
+        )
     if cached.get("startup"):
         summary["cold_start_s"] = cached["startup"]["process_to_ready_s"]
     peaks = [r["peak_gib"] for r in rows if "peak_gib" in r]

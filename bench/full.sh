@@ -6,18 +6,15 @@
 # Stages, each a bench/device.sh run whose results land in its own folder under the first argument:
 #   first:  the true-size models built, then a worker with an empty compile cache (it compiles
 #           and checks every package), one job;
-#   cached: a fresh worker with every package present (cold start), then every job;
-#   plain:  plain diffusers on the same models, every job;
-#   start1..3: three more cold starts with every package present.
-# With AB=dir, each cold start is followed by one of the checkout in dir (an earlier commit,
-# from `git archive`), sharing the models and the compile cache. The device tool sends the tree
-# anew with each call and drops ignored folders a call does not carry: carry dir in
-# every call while this runs (.whl only in the first: its packages are unpacked under /tmp).
+#   cached: a fresh worker with every package present (cold start), then every job, the LoRA
+#           and turbo jobs included;
+#   plain:  plain diffusers on the same models, the SDXL jobs (PLAIN_JOBS to change);
+#   start1..2: two more cold starts with every package present.
 set -euo pipefail
 out=${1:-/tmp/bench-out}
 models=/tmp/bm
-sdxl=sdxl_high_1,sdxl_high_3,sdxl_fast_1
-wan=video_fast,video_high,video_fast_ref
+sdxl=sdxl_high_1,sdxl_high_1_lora,sdxl_high_3,sdxl_fast_1
+wan=video_turbo,video_fast,video_fast_lora,video_high,video_fast_ref
 mkdir -p "$out"
 rm -f "$out/done"
 stage() { echo "== $(date +%T) $1"; }
@@ -26,14 +23,10 @@ bash bench/device.sh --models $models --out "$out/first" --phases build,worker -
 stage cached
 bash bench/device.sh --models $models --out "$out/cached" --phases cached --cached-jobs $sdxl,$wan --repeats 5
 stage plain
-bash bench/device.sh --models $models --out "$out/plain" --phases plain --jobs $sdxl,$wan
-for i in 1 2 3; do
+bash bench/device.sh --models $models --out "$out/plain" --phases plain --jobs "${PLAIN_JOBS:-sdxl_high_1,sdxl_high_3,sdxl_fast_1}"
+for i in 1 2; do
   stage "start$i"
   bash bench/device.sh --models $models --out "$out/start$i" --phases cached --cached-jobs sdxl_fast_1 --repeats 1
-  if [ -n "${AB:-}" ]; then
-    (cd "$AB" && bash bench/device.sh --models $models --out "$out/ab-start$i" --phases cached \
-      --cached-jobs sdxl_fast_1 --repeats 1)
-  fi
 done
 stage done
 touch "$out/done"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -175,6 +176,164 @@ def probe_wan_vae(models: Path, runs: int) -> dict[str, float]:
     return results
 
 
+def probe_wan_vae_dtype(models: Path, runs: int) -> dict[str, float]:
+    """The Wan VAE decode of 81 frames at 832x480 in fp32 and in bf16 (channels-last 3-D weights, as
+    the worker loads it), and the bf16 video's relative error against the fp32 one."""
+    from diffusers import AutoencoderKLWan
+
+    from src.acceleration import conv3d_channels_last
+    from src.fast_path import relative_error
+
+    latents = torch.randn(1, 16, 21, 60, 104, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    results: dict[str, float] = {}
+    videos = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        vae = AutoencoderKLWan.from_pretrained(models / "wan-t2v" / "vae", dtype=dtype).to("cuda")
+        conv3d_channels_last(vae)
+        inputs = latents.to(dtype)
+        with torch.inference_mode():
+            results[name] = _median_s(lambda vae=vae, inputs=inputs: vae.decode(inputs), runs)
+            videos[name] = vae.decode(inputs).sample.float()
+        print(f"  Wan VAE decode {name}: {results[name]} s", flush=True)
+        vae.to("cpu")
+        torch.cuda.empty_cache()
+    results["bfloat16_relative_error"] = round(relative_error(videos["bfloat16"], videos["float32"]), 5)
+    results["bfloat16_max_abs_error"] = round((videos["bfloat16"] - videos["float32"]).abs().max().item(), 4)
+    return results
+
+
+def probe_lora_apply(models: Path, runs: int) -> dict[str, Any]:
+    """Applying a LoRA already on local disk (``MergedLoras.use``) and restoring the weights: a rank-64
+    SDXL LoRA (UNet attention and feed-forward, both text encoders) and a rank-32 Wan LoRA (every block)."""
+    from diffusers import StableDiffusionXLPipeline, WanPipeline
+
+    from src.loras.apply import MergedLoras
+    from src.loras.files import LoraFile, file_sha256
+    from tests import loras as kit
+
+    results: dict[str, Any] = {}
+    sdxl_components = ["unet", "text_encoder", "text_encoder_2"]
+    cases = {
+        "sdxl_rank64": (StableDiffusionXLPipeline, "sdxl", torch.float16, sdxl_components, 64),
+        "wan_rank32": (WanPipeline, "wan-t2v", torch.bfloat16, ["transformer"], 32),
+    }
+    for name, (cls, folder, dtype, components, rank) in cases.items():
+        pipe = cls.from_pretrained(models / folder, dtype=dtype).to("cuda")
+        patterns = {
+            "unet": kit.SDXL_UNET_FULL,
+            "text_encoder": kit.SDXL_TEXT_FULL,
+            "text_encoder_2": kit.SDXL_TEXT_FULL,
+        }
+        factors = kit.join(
+            *(
+                kit.factors(getattr(pipe, c), patterns.get(c, kit.WAN_TARGETS), rank, 1, f"{c}.")
+                for c in components
+            )
+        )
+        path = Path(f"/tmp/probe-{name}.safetensors")
+        path.write_bytes(kit.to_bytes({k: v.half() for k, v in kit.peft_layout(factors).items()}))
+        lora = LoraFile(path, file_sha256(path), 0.8, "config.loras[0]", {"name": name})
+        fused = MergedLoras(pipe, components, name)
+        apply_s, restore_s = [], []
+        for _ in range(runs):
+            apply_s.append(timed(fused.use, [lora])[1])
+            restore_s.append(timed(fused.use, [])[1])
+        results[name] = {
+            "layers": len(factors.layers),
+            "file_mb": round(path.stat().st_size / 1e6, 1),
+            "apply_s": [round(s, 3) for s in apply_s],
+            "restore_s": [round(s, 3) for s in restore_s],
+        }
+        print(f"  LoRA {name}: {results[name]}", flush=True)
+        del pipe, fused
+        torch.cuda.empty_cache()
+    return results
+
+
+QWEN_7B = dict(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=32768,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)  # Qwen2.5-7B-Instruct's architecture
+
+
+def probe_llm_decode(
+    models: Path, runs: int, new_tokens: int = 256, prompt_tokens: int = 200
+) -> dict[str, Any]:
+    """256 new tokens of a Qwen2.5-7B-shaped model (random bf16 weights, greedy, length forced): plain
+    ``generate``, and a static KV cache with each decode step replayed from a CUDA graph (eager kernels,
+    nothing compiled); ``+compile``: ``generate`` with a static cache, which torch.compiles its step."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, StaticCache
+
+    from bench.build_models import _on_gpu, _randomise
+
+    model = _randomise(_on_gpu(torch.bfloat16, lambda: Qwen2ForCausalLM(Qwen2Config(**QWEN_7B))), 11).eval()
+    ids = torch.randint(
+        0, 150000, (1, prompt_tokens), device="cuda", generator=torch.Generator("cuda").manual_seed(1)
+    )
+    results: dict[str, Any] = {
+        "weights_gib": round(sum(p.numel() * 2 for p in model.parameters()) / 2**30, 2)
+    }
+    fixed = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        plain = [timed(model.generate, ids, **fixed)[1] for _ in range(2)]
+        results["plain_generate_s"] = [round(s, 3) for s in plain]
+        print(f"  LLM plain generate: {results['plain_generate_s']}", flush=True)
+
+        cache = StaticCache(config=model.config, max_cache_len=prompt_tokens + new_tokens + 8)
+
+        def graphed() -> torch.Tensor:
+            cache.reset()
+            logits = model(
+                ids, past_key_values=cache, cache_position=torch.arange(prompt_tokens, device="cuda")
+            ).logits
+            token[:] = logits[:, -1].argmax(-1, keepdim=True)
+            out = [token.clone()]  # the prefill's token, then one graph replay per new token
+            for step in range(new_tokens - 1):
+                position.fill_(prompt_tokens + step)
+                graph.replay()
+                token.copy_(next_token)
+                out.append(next_token.clone())
+            return torch.cat(out, dim=1)
+
+        token = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+        position = torch.zeros(1, dtype=torch.long, device="cuda")
+        cache.reset()
+        model(ids, past_key_values=cache, cache_position=torch.arange(prompt_tokens, device="cuda"))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(token, past_key_values=cache, cache_position=position)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        started = time.perf_counter()
+        with torch.cuda.graph(graph):
+            next_token = (
+                model(token, past_key_values=cache, cache_position=position)
+                .logits[:, -1]
+                .argmax(-1, keepdim=True)
+            )
+        torch.cuda.synchronize()
+        results["graph_capture_s"] = round(time.perf_counter() - started, 3)
+        graphed()
+        results["static_cuda_graph_s"] = [round(timed(graphed)[1], 3) for _ in range(3)]
+        print(f"  LLM static cache + CUDA graph: {results['static_cuda_graph_s']}", flush=True)
+        compiled = {**fixed, "cache_implementation": "static"}
+        results["static_compile_first_s"] = round(timed(model.generate, ids, **compiled)[1], 1)
+        results["static_compile_s"] = [round(timed(model.generate, ids, **compiled)[1], 3) for _ in range(2)]
+        print(f"  LLM static cache + compile: {results}", flush=True)
+    return results
+
+
 def _conv_contexts() -> dict[str, Callable[[], AbstractContextManager[Any]]]:
     return {
         name: nullcontext for name in ("default", "benchmark", "channels_last", "channels_last_benchmark")
@@ -186,6 +345,9 @@ PROBES: dict[str, Callable[[Path, int], Any]] = {
     "sdxl_unet_compiled_step_s": probe_sdxl_unet_compiled,
     "sdxl_vae_decode_s": probe_sdxl_vae,
     "wan_vae_decode_s": probe_wan_vae,
+    "wan_vae_dtype_s": probe_wan_vae_dtype,
+    "lora_apply_s": probe_lora_apply,
+    "llm_decode_s": probe_llm_decode,
 }
 
 

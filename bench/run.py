@@ -42,6 +42,8 @@ from bench.figures import (
     WAN_FRAMES,
     WAN_JOBS,
     WAN_SIZE,
+    bench_loras,
+    payload,
     print_table,
     summarise,
 )
@@ -182,33 +184,6 @@ def phase_plain(models: Path, out: dict[str, Any], only: set[str]) -> None:
 
 
 # ---------------------------------------------------------------- phase: the worker
-def _payload(name: str, reference_url: str | None, wan_steps: int | None = None) -> dict[str, Any]:
-    config: dict[str, Any] = {"seed": 1}
-    metadata: dict[str, Any] = {}
-    if name in SDXL_JOBS:
-        job_type, images, _, _ = SDXL_JOBS[name]
-        config["num_images"] = images
-    else:
-        job_type = WAN_JOBS[name][0]
-        if wan_steps:
-            config["num_inference_steps"] = wan_steps
-        if WAN_JOBS[name][3]:
-            metadata["reference_image_url"] = reference_url
-    job_id = f"bench-{name}-{time.monotonic_ns()}"
-    return {
-        "id": job_id,
-        "input": {
-            "id": job_id,
-            "type": job_type,
-            "prompt": PROMPT,
-            "negative_prompt": NEGATIVE,
-            "user_id": "bench",
-            "config": config,
-            "metadata": metadata,
-        },
-    }
-
-
 def phase_worker(
     out: dict[str, Any], jobs: list[str], repeats: int, profile_steps: int | None = None
 ) -> None:
@@ -236,16 +211,26 @@ def phase_worker(
     out["reserved_gib"] = _gib(torch.cuda.memory_reserved())
     print(f"worker ready: {out['startup']}", flush=True)
 
+    bench_loras(worker, worker.settings.loras_path, jobs)
     generate_s: list[float] = []
-    for family in worker.families:
-        original = family.generate
+    spans: dict[str, list[float]] = {"lora_use_s": [], "vae_decode_s": []}  # this job's calls
 
-        def timed_generate(plan: Any, progress: Any, _original=original) -> Any:
-            result, seconds = timed(_original, plan, progress)
-            generate_s.append(seconds)
+    def timing(call: Any, key: str) -> Any:
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            result, seconds = timed(call, *args, **kwargs)
+            spans[key].append(round(seconds, 3))
             return result
 
-        family.generate = timed_generate  # type: ignore[method-assign]
+        return timed_call
+
+    for family in worker.families:
+        family.generate = timing(family.generate, "generate")  # type: ignore[method-assign]
+        merged = family.merged.values() if isinstance(family.merged, dict) else [family.merged]
+        for each in merged:
+            each.use = timing(each.use, "lora_use_s")  # type: ignore[method-assign]
+        if family.name == "wan":
+            family.text2video.vae.decode = timing(family.text2video.vae.decode, "vae_decode_s")
+    spans["generate"] = generate_s
 
     tmp = Path(os.environ.get("BENCH_TMP", "/tmp/bench-tmp"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -253,11 +238,12 @@ def phase_worker(
     reference_url = _serve(tmp) + "/reference.png"
     for name in jobs:
         runs = []
-        for _ in range(repeats if name in SDXL_JOBS and not profile_steps else 1):
-            generate_s.clear()
+        for _ in range(repeats if (name in SDXL_JOBS or name == "video_turbo") and not profile_steps else 1):
+            for values in spans.values():
+                values.clear()
             torch.cuda.reset_peak_memory_stats()
             started = time.perf_counter()
-            result = worker.handle(_payload(name, reference_url, profile_steps))
+            result = worker.handle(payload(name, reference_url, profile_steps))
             seconds = time.perf_counter() - started
             if result.get("status") != "completed":
                 raise RuntimeError(f"{name}: {result}")
@@ -268,16 +254,19 @@ def phase_worker(
                     "outside_gpu_s": round(seconds - generate_s[0], 3),
                     "peak_gib": _gib(torch.cuda.max_memory_allocated()),
                     "peak_reserved_gib": _gib(torch.cuda.max_memory_reserved()),
+                    **{key: list(values) for key, values in spans.items() if key != "generate" and values},
                 }
             )
         best = min(runs, key=lambda r: r["s"])
         out[name] = {**best, "first_s": runs[0]["s"], "runs": [r["s"] for r in runs]}
+        if "lora_use_s" in runs[0]:  # the first run applies the LoRAs; the next ones find them merged
+            out[name]["lora_use_runs"] = [r.get("lora_use_s") for r in runs]
         print(f"worker {name}: {out[name]}", flush=True)
         if profile_steps:
             from bench.gpu_profile import profiled
 
-            payload = _payload(name, reference_url, profile_steps)
-            result, out[name]["profile"] = profiled(lambda: worker.handle(payload), worker.families)  # noqa: B023
+            job = payload(name, reference_url, profile_steps)
+            result, out[name]["profile"] = profiled(lambda: worker.handle(job), worker.families)  # noqa: B023
             if result.get("status") != "completed":
                 raise RuntimeError(f"{name} (profiled): {result}")
             print(f"profile {name}: {json.dumps(out[name]['profile'])}", flush=True)

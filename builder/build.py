@@ -105,6 +105,7 @@ def _build_part(
             written: list[Path] = []
             try:
                 snap = source.snapshot(part.repo, revision)
+                _check_same_as(part, snap, source, options)
                 steps = plan_part(part, snap.files)
                 source.fetch(snap, [step.src for step in steps])
                 files: dict[str, Any] = {}
@@ -154,6 +155,28 @@ def _build_part(
                 )
                 options.sleep(delay)
     raise BuildError(f"{part.repo}@{revision}: no source could provide it: " + "; ".join(problems))
+
+
+def _check_same_as(part: Part, snap: Snapshot, source: Source, options: BuildOptions) -> None:
+    """Raise BuildError unless ``part.same_as``'s folders hold the other repo's files exactly."""
+    if part.same_as is None:
+        return
+    other_repo, folders = part.same_as
+    other = source.snapshot(other_repo, options.revisions.get(other_repo, "main"))
+    for folder in folders:
+        mine, theirs = (
+            {
+                path: meta.sha256 or meta.git_sha1
+                for path, meta in listing.items()
+                if path.startswith(f"{folder}/")
+            }
+            for listing in (snap.files, other.files)
+        )
+        if not mine or mine != theirs or None in mine.values():
+            raise BuildError(
+                f"{part.repo}: its {folder}/ is not {other_repo}'s (file names or hashes differ), but the "
+                f"worker shares one copy of it: check the repos' revisions"
+            )
 
 
 def _remove(paths: list[Path]) -> None:

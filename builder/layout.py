@@ -1,7 +1,8 @@
 """Which repo files go where: the model directories under MODELS_DIR and how each is planned.
 
-A ``ModelSpec`` is one directory (sdxl, wan-t2v, wan-vace): the repos that contribute to it, what each
-contributes (plain files, weights stored in a given dtype) and the relative links it holds.
+A ``ModelSpec`` is one directory (sdxl, wan-t2v, wan-vace, wan-turbo): the repos that contribute to
+it, what each contributes (plain files, weights stored in a given dtype) and the relative links it
+holds.
 ``plan_part`` turns one repo's listing into the ``Step``s that write its share.
 """
 
@@ -20,6 +21,7 @@ SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_VAE_REPO = "madebyollin/sdxl-vae-fp16-fix"
 WAN_T2V_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 WAN_VACE_REPO = "Wan-AI/Wan2.1-VACE-1.3B-diffusers"
+FASTWAN_REPO = "FastVideo/FastWan2.1-T2V-1.3B-Diffusers"  # video_turbo: Wan 2.1 T2V 1.3B, DMD-distilled
 
 
 # --------------------------------------------------------------------------- recipes
@@ -56,6 +58,9 @@ class Part:
     items: tuple[Files | Weights, ...]
     dest: str = ""
     config_updates: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    # (another repo, folders): this repo's folders must hold exactly that repo's files (same names
+    # and hashes): the model directory links to the other's copy instead of holding its own.
+    same_as: tuple[str, tuple[str, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,28 @@ SPECS: tuple[ModelSpec, ...] = (
                     ),
                     Weights("transformer", "diffusion_pytorch_model", "bfloat16"),
                 ),
+            ),
+        ),
+        links=(
+            ("text_encoder", "../wan-t2v/text_encoder"),
+            ("tokenizer", "../wan-t2v/tokenizer"),
+            ("vae", "../wan-t2v/vae"),
+        ),
+    ),
+    ModelSpec(
+        name="wan-turbo",
+        family="wan",
+        parts=(
+            Part(
+                FASTWAN_REPO,
+                (
+                    Files(
+                        ("model_index.json", "scheduler/*"),
+                        required=("model_index.json", "scheduler/scheduler_config.json"),
+                    ),
+                    Weights("transformer", "diffusion_pytorch_model", "bfloat16"),
+                ),
+                same_as=(WAN_T2V_REPO, ("text_encoder", "tokenizer", "vae")),
             ),
         ),
         links=(

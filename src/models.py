@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -10,6 +12,7 @@ from pathlib import Path
 from src.settings import Settings, StartupError
 
 TINY_SUBDIR = "tiny"
+DEFINITION_FILE = ".tiny-definition"  # the digest of the tiny models' source they were built from
 
 
 def device_map_kwargs(device: str) -> dict[str, str]:
@@ -18,33 +21,52 @@ def device_map_kwargs(device: str) -> dict[str, str]:
     return {"device_map": device} if device == "cuda" else {}
 
 
-def model_dirs(settings: Settings, names: list[str], build_tiny: Callable[..., None]) -> list[Path]:
+def model_dirs(
+    settings: Settings, names: list[str], build_tiny: Callable[..., None], hints: dict[str, str] | None = None
+) -> list[Path]:
     """The diffusers directories for ``names`` under MODELS_DIR.
 
-    ``full``: they must exist (the worker never falls back to tiny models).
-    ``tiny``: missing ones are built by ``build_tiny(*dirs)`` and cached under
-    ``MODELS_DIR/tiny``.
+    ``full``: they must exist (the worker never falls back to tiny models); ``hints`` add to the
+    refusal, by directory name.
+    ``tiny``: missing ones, or ones built from another definition (``tiny_definition``), are built
+    by ``build_tiny(*dirs)`` and cached under ``MODELS_DIR/tiny``.
     """
     if settings.model_profile == "full":
         dirs = [settings.models_dir / name for name in names]
         for path in dirs:
             if not (path / "model_index.json").is_file():
+                hint = (hints or {}).get(path.name, "")
                 raise StartupError(
                     f"model weights missing: {path} has no model_index.json. Bake them with "
                     "builder/download_models.py, point MODELS_DIR at them, or use "
-                    "MODEL_PROFILE=tiny for CPU development"
+                    f"MODEL_PROFILE=tiny for CPU development{'; ' + hint if hint else ''}"
                 )
         return dirs
     root = settings.models_dir / TINY_SUBDIR
     dirs = [root / name for name in names]
-    if not all((path / "model_index.json").is_file() for path in dirs):
+    definition = tiny_definition(build_tiny)
+    if not all(_built_from(path, definition) for path in dirs):
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=root, prefix=".build-"))
         try:
             build_tiny(*(staging / name for name in names))
             for name, path in zip(names, dirs, strict=True):
+                (staging / name / DEFINITION_FILE).write_text(definition)
                 shutil.rmtree(path, ignore_errors=True)
                 (staging / name).replace(path)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return dirs
+
+
+def tiny_definition(build_tiny: Callable[..., None]) -> str:
+    """A digest of the source that defines the tiny models: a changed definition rebuilds them."""
+    source = Path(inspect.getsourcefile(build_tiny) or "").read_bytes()
+    return hashlib.sha256(source).hexdigest()[:16]
+
+
+def _built_from(path: Path, definition: str) -> bool:
+    try:
+        return (path / "model_index.json").is_file() and (path / DEFINITION_FILE).read_text() == definition
+    except OSError:
+        return False

@@ -75,6 +75,16 @@ class Settings(BaseSettings):
         2.0, ge=0, description="At most one progress update per interval (RunPod's /status shows it)."
     )
 
+    wan_turbo: bool = Field(
+        True,
+        description="Load FastWan 2.1 T2V 1.3B (MODELS_DIR/wan-turbo) with the Wan family, for video_turbo "
+        "jobs; off: those jobs are refused and its 2.8 GB of GPU memory stay free.",
+    )
+    wan_vae_dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16",
+        description="On CUDA, the Wan VAE's precision (encode and decode): `bfloat16` decodes faster than "
+        "`float32`, within a small error of it (both measured: docs/PERFORMANCE.md). CPU runs float32.",
+    )
     max_loras: int = Field(4, ge=0, le=16, description="Most LoRAs one job may name in config.loras.")
     max_lora_bytes: int = Field(2**30, gt=0, description="Largest LoRA file a job may download, in bytes.")
     lora_timeout_s: float = Field(120.0, gt=0, description="Time allowed for one LoRA download, in seconds.")

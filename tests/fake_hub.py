@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from builder import download_models as dm
-from builder.layout import SDXL_REPO, SDXL_VAE_REPO, WAN_T2V_REPO, WAN_VACE_REPO
+from builder.layout import FASTWAN_REPO, SDXL_REPO, SDXL_VAE_REPO, WAN_T2V_REPO, WAN_VACE_REPO
 from builder.sources import CacheSource, repo_folder
 from src.models import model_dirs
 from src.sdxl.tiny import build_tiny_sdxl
@@ -58,8 +58,9 @@ def add_repo(cache: Path, repo: str, files: dict[str, bytes]) -> str:
 
 
 def read_tree(root: Path) -> dict[str, bytes]:
-    """Every file under ``root``, by relative path."""
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file under ``root``, by relative path (not the tiny models' own marker files)."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in files}
 
 
 def st_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -67,17 +68,17 @@ def st_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save(tensors, metadata={"format": "pt"})
 
 
-def tiny_dirs() -> tuple[Path, Path, Path]:
+def tiny_dirs() -> tuple[Path, Path, Path, Path]:
     """The tiny models conftest's workers use (built once, cached under TEST_MODELS_DIR)."""
     settings = Settings(models_dir=TEST_MODELS_DIR, model_profile="tiny", local_storage_dir=TEST_MODELS_DIR)
     (sdxl,) = model_dirs(settings, ["sdxl"], build_tiny_sdxl)
-    t2v, vace = model_dirs(settings, ["wan-t2v", "wan-vace"], build_tiny_wan)
-    return sdxl, t2v, vace
+    t2v, vace, turbo = model_dirs(settings, ["wan-t2v", "wan-vace", "wan-turbo"], build_tiny_wan)
+    return sdxl, t2v, vace, turbo
 
 
 def build_fake_cache(cache: Path) -> None:
-    """The four repos the builder reads, made from the tiny models."""
-    sdxl, t2v, vace = tiny_dirs()
+    """The five repos the builder reads, made from the tiny models."""
+    sdxl, t2v, vace, turbo = tiny_dirs()
 
     # SDXL base: plain fp32 weights plus the fp16 variant files the builder should pick, an extra
     # single-file checkpoint it must leave alone, and the original VAE it must replace.
@@ -123,6 +124,17 @@ def build_fake_cache(cache: Path) -> None:
     add_repo(cache, WAN_T2V_REPO, files)
 
     add_repo(cache, WAN_VACE_REPO, read_tree(vace))
+
+    # FastWan: its own transformer and scheduler; text encoder, tokenizer and VAE the same files as T2V's.
+    shared = {
+        rel: data for rel, data in files.items() if rel.split("/")[0] in ("text_encoder", "tokenizer", "vae")
+    }
+    own = {
+        rel: data
+        for rel, data in read_tree(turbo).items()
+        if rel.split("/")[0] not in ("text_encoder", "tokenizer", "vae")
+    }
+    add_repo(cache, FASTWAN_REPO, {**own, **shared})
 
 
 @pytest.fixture(scope="module")

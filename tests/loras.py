@@ -14,6 +14,12 @@ from safetensors.torch import save
 
 SDXL_UNET_TARGETS = re.compile(r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 SDXL_TEXT_TARGETS = re.compile(r"self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
+# What typical SDXL LoRAs of the community adapt: every attention and feed-forward projection of the
+# UNet's transformer blocks, and the text encoders' attention and MLP.
+SDXL_UNET_FULL = re.compile(
+    r"transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))$"
+)
+SDXL_TEXT_FULL = re.compile(r"(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.fc[12])$")
 WAN_TARGETS = re.compile(r"^blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2))$")
 # musubi / ComfyUI names of Wan's layers
 WAN_NATIVE = {

@@ -5,6 +5,7 @@ model, and the streaming dtype conversion.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,14 +19,14 @@ from safetensors.torch import load_file, save_file
 
 from builder.build import BuildOptions, build
 from builder.hashed_io import CHUNK, file_sha256
-from builder.layout import WAN_T2V_REPO, Step
+from builder.layout import FASTWAN_REPO, WAN_T2V_REPO, Step
 from builder.manifest import MANIFEST
-from builder.sources import CacheSource, Snapshot
+from builder.sources import CacheSource, Snapshot, repo_folder
 from builder.transfer import transfer
 from src.settings import Settings
 from src.worker import start_worker
 from tests import fake_hub
-from tests.fake_hub import cli, run_builder
+from tests.fake_hub import add_commit, cli, run_builder
 
 # the fake hub's fixtures, requested by name below
 built, hub_cache, offline = fake_hub.built, fake_hub.hub_cache, fake_hub.offline
@@ -76,6 +77,14 @@ def test_layout_and_dtypes(built: Path) -> None:
     for shared in ("text_encoder", "tokenizer", "vae"):
         assert os.readlink(vace / shared) == f"../wan-t2v/{shared}" and (vace / shared).is_dir()
 
+    turbo = built / "wan-turbo"  # FastWan: its own transformer; the rest is T2V's, linked
+    assert (turbo / "model_index.json").is_file() and (
+        turbo / "scheduler" / "scheduler_config.json"
+    ).is_file()
+    assert dtypes(turbo / "transformer" / "diffusion_pytorch_model.safetensors") == {"BF16"}
+    for shared in ("text_encoder", "tokenizer", "vae"):
+        assert os.readlink(turbo / shared) == f"../wan-t2v/{shared}" and (turbo / shared).is_dir()
+
     manifest = json.loads((t2v / MANIFEST).read_text())
     assert manifest["sources"][WAN_T2V_REPO]["from"].startswith("hub cache ")
     for rel, info in manifest["files"].items():
@@ -118,6 +127,20 @@ def test_built_models_load_and_run_in_the_worker(built: Path, tmp_path: Path) ->
         }
     )
     assert video["status"] == "completed", video
+    turbo = worker.handle(
+        {
+            "id": "rp-3",
+            "input": {
+                "id": "baked-turbo",
+                "type": "video_turbo",
+                "prompt": "a paper boat",
+                "user_id": "builder",
+                "config": {"resolution": "256x256", "num_frames": 5, "seed": 3},
+            },
+        }
+    )
+    assert turbo["status"] == "completed", turbo
+    assert turbo["assets"][0]["metadata"]["model"] == "fastwan-1.3b"
     assert (tmp_path / "builder" / "baked-sdxl" / "0.png").is_file()
     assert (tmp_path / "builder" / "baked-wan" / "0.mp4").is_file()
 
@@ -129,7 +152,7 @@ def test_second_run_skips_everything(
     started = time.monotonic()
     assert run_builder(*cli(built, hub_cache, tmp_path)) == 0
     assert time.monotonic() - started < 5
-    assert "sdxl skipped, wan-t2v skipped, wan-vace skipped" in capsys.readouterr().out
+    assert "sdxl skipped, wan-t2v skipped, wan-vace skipped, wan-turbo skipped" in capsys.readouterr().out
     assert before == {p: p.stat().st_mtime_ns for p in built.rglob("*") if p.is_file()}
 
 
@@ -145,8 +168,28 @@ def test_truncated_output_is_detected_and_rebuilt(
         "sdxl": "skipped",
         "wan-t2v": "built",
         "wan-vace": "skipped",
+        "wan-turbo": "skipped",
     }
     assert weights.read_bytes() == good
+
+
+def test_a_fastwan_repo_whose_shared_parts_differ_from_t2v_fails_the_build(
+    hub_cache: Path, tmp_path: Path, offline: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """wan-turbo links to wan-t2v's VAE: a FastWan repo with another VAE must not be baked as if shared."""
+    cache = tmp_path / "cache"
+    shutil.copytree(hub_cache, cache, symlinks=True)
+    snapshot = cache / repo_folder(FASTWAN_REPO) / "snapshots" / add_commit(FASTWAN_REPO)
+    link = snapshot / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(link.resolve().read_bytes())
+    data[-1] ^= 0xFF  # another VAE, consistently stored (its blob named by its own hash)
+    blob = link.resolve().with_name(hashlib.sha256(data).hexdigest())
+    blob.write_bytes(bytes(data))
+    link.unlink()
+    link.symlink_to(os.path.relpath(blob, link.parent))
+    assert run_builder(*cli(tmp_path / "models", cache, tmp_path)) != 0
+    assert "its vae/ is not Wan-AI/Wan2.1-T2V-1.3B-Diffusers's" in capsys.readouterr().err
+    assert not (tmp_path / "models" / "wan-turbo").exists()
 
 
 def test_same_size_corruption_is_found_by_verify(built: Path, hub_cache: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from src.fast_path import FastPaths, UnavailableError
-from src.loras.apply import loras_applied
+from src.loras.apply import MergedLoras
 from src.loras.files import LoraFile
 from src.timing import Phases
 from src.wan import family as wan
@@ -89,10 +89,10 @@ def _video(pipe: Any, width: int, height: int, frames: int, **kwargs: Any) -> np
 def test_blocks_are_grouped_into_three_kinds(families: tuple[Any, Any]) -> None:
     compiled = families[0]
     kinds = {(kind.block_class, len(kind.blocks)) for kind in _kinds(compiled)}
-    main = len(compiled.text2video.transformer.blocks) + len(compiled.vace.transformer.blocks)
+    main = sum(len(pipe.transformer.blocks) for pipe in (compiled.text2video, compiled.vace, compiled.turbo))
     controls = len(compiled.vace.transformer.vace_blocks)
-    # T2V's blocks and VACE's main blocks share one package; VACE's first control block (it has an
-    # input projection) has its own.
+    # T2V's blocks, VACE's main blocks and the turbo model's blocks share one package; VACE's first
+    # control block (it has an input projection) has its own.
     assert kinds == {
         ("WanTransformerBlock", main),
         ("WanVACETransformerBlock", 1),
@@ -142,12 +142,31 @@ def test_a_lora_runs_through_the_packages_like_eager(
     plain = _video(compiled.text2video, 64, 64, 9)
     videos = []
     for family in (compiled, eager):
-        with loras_applied(family.text2video, ["transformer"], lora, "Wan"):
-            videos.append(_video(family.text2video, 64, 64, 9))
+        merged = MergedLoras(family.text2video, ["transformer"], "Wan")
+        merged.use(lora)
+        videos.append(_video(family.text2video, 64, 64, 9))
+        merged.use([])
     assert len(spies[0].tokens) == 2 * STEPS * 2 * len(compiled.text2video.transformer.blocks)
     np.testing.assert_allclose(videos[0], videos[1], atol=1e-4)
     assert np.abs(videos[0] - plain).max() > 0.05  # the LoRA changed the video
     np.testing.assert_array_equal(_video(compiled.text2video, 64, 64, 9), plain)  # and left nothing
+
+
+def test_the_turbo_model_runs_through_the_t2v_package_like_eager(
+    families: tuple[Any, Any], spies: list[TokenSpy]
+) -> None:
+    """FastWan has the T2V blocks' shapes: the T2V kind's package serves it, nothing new compiles."""
+    videos = []
+    for family in families:
+        generator = torch.Generator().manual_seed(3)
+        family.turbo.scheduler.generator = generator
+        with torch.inference_mode():
+            frames = family.turbo("a red boat", width=64, height=64, num_frames=9, guidance_scale=1.0,
+                                  generator=generator, output_type="np").frames[0]  # fmt: skip
+        videos.append(frames)
+    tokens = wan.video_tokens(families[0].turbo, 64, 64, 9)
+    assert spies[0].tokens == [tokens] * (3 * len(families[0].turbo.transformer.blocks))  # 3 steps, no CFG
+    np.testing.assert_allclose(videos[0], videos[1], atol=1e-4)
 
 
 def test_calls_unlike_the_recorded_ones_run_the_eager_block(

@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from src.contract import LoraSpec
-from src.loras.apply import loras_applied
+from src.loras import apply
+from src.loras.apply import MergedLoras
 from src.loras.files import LoraFile, LoraFiles
 from src.media.download import Download
 from src.worker import Worker
@@ -164,20 +165,41 @@ def test_merged_weights_follow_the_lora_formula_and_are_restored_exactly(
         component, layer = name.split(".", 1)
         weights[name] = getattr(pipe, component).get_submodule(layer).weight
     originals = {name: (w.data_ptr(), w.detach().clone()) for name, w in weights.items()}
-    with loras_applied(pipe, ["unet", "text_encoder", "text_encoder_2"], [lora], "SDXL"):
-        for name, weight in weights.items():
-            expected = originals[name][1].double() + sdxl_factors.delta(name, scale=0.6)
-            torch.testing.assert_close(weight.double(), expected, rtol=1e-5, atol=1e-5)
-            assert weight.data_ptr() == originals[name][0]  # merged in place: fast paths see it
-        assert not [m for m in pipe.unet.modules() if type(m).__name__.startswith("Lora")]  # plain layers
+    merged = MergedLoras(pipe, ["unet", "text_encoder", "text_encoder_2"], "SDXL")
+    merged.use([lora])
+    for name, weight in weights.items():
+        expected = originals[name][1].double() + sdxl_factors.delta(name, scale=0.6)
+        torch.testing.assert_close(weight.double(), expected, rtol=1e-5, atol=1e-5)
+        assert weight.data_ptr() == originals[name][0]  # merged in place: fast paths see it
+    assert all(
+        type(m).__module__.startswith(("torch", "diffusers", "transformers")) for m in pipe.unet.modules()
+    )
+    merged.use([])
     for name, weight in weights.items():
         assert weight.data_ptr() == originals[name][0] and torch.equal(weight, originals[name][1])
+
+
+def test_consecutive_jobs_with_the_same_loras_keep_them_merged(
+    sdxl: Worker, s3: Any, sdxl_factors: kit.Factors, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    family = sdxl.families[0]
+    (family.loras.loras_dir / "same.safetensors").write_bytes(kit.to_bytes(kit.peft_layout(sdxl_factors)))
+    loads = []
+    real = apply.low_rank_updates
+    monkeypatch.setattr(apply, "low_rank_updates", lambda *a, **k: loads.append(1) or real(*a, **k))
+    first = stored(s3, run(sdxl, "same-1", [{"name": "same", "scale": 0.5}]))
+    assert stored(s3, run(sdxl, "same-2", [{"name": "same", "scale": 0.5}])) == first
+    assert len(loads) == 1  # the second job found it merged already
+    other = stored(s3, run(sdxl, "same-3", [{"name": "same", "scale": 0.9}]))
+    assert len(loads) == 2 and other != first  # another scale: applied anew, from the original weights
+    assert stored(s3, run(sdxl, "same-4", [{"name": "same", "scale": 0.5}])) == first
 
 
 def test_many_lora_jobs_leave_no_memory_behind(
     sdxl: Worker, sdxl_factors: kit.Factors, tmp_path: Path
 ) -> None:
-    """A soak of 150 apply-and-restore cycles: resident memory stays flat, no adapter is left."""
+    """A soak of 150 apply-and-restore cycles (300 jobs alternating LoRA and none): resident memory
+    stays flat, no adapter is left."""
     pipe = sdxl.families[0].text2img
     path = tmp_path / "soak.safetensors"
     path.write_bytes(kit.to_bytes(kit.peft_layout(sdxl_factors)))
@@ -185,10 +207,12 @@ def test_many_lora_jobs_leave_no_memory_behind(
     components = ["unet", "text_encoder", "text_encoder_2"]
     process = psutil.Process()
 
+    merged = MergedLoras(pipe, components, "SDXL")
+
     def cycles(count: int) -> None:
         for _ in range(count):
-            with loras_applied(pipe, components, [lora], "SDXL"):
-                pass
+            merged.use([lora])  # applied
+            merged.use([])  # and restored
         gc.collect()
 
     cycles(20)  # allocator and caches settle
@@ -196,7 +220,7 @@ def test_many_lora_jobs_leave_no_memory_behind(
     cycles(150)
     grown = (process.memory_info().rss - before) / 2**20
     assert grown < 48, f"resident memory grew {grown:.1f} MiB over 150 LoRA jobs"
-    assert not any(hasattr(getattr(pipe, c), "peft_config") for c in components)
+    assert merged.key == () and not merged._applied.saved
 
 
 # ------------------------------------------------------------------------------- the cache

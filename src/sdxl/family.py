@@ -12,7 +12,7 @@ from PIL import Image
 from src import acceleration
 from src.contract import JobRequest
 from src.fast_path import FastPath, FastPaths
-from src.loras.apply import loras_applied
+from src.loras.apply import MergedLoras
 from src.loras.files import LoraFiles
 from src.media.assets import GeneratedImage, Generation
 from src.media.images import fit_cover, size_for_aspect, to_uint8
@@ -56,6 +56,7 @@ class SdxlFamily:
         self.img2img = img2img
         self.limits = limits
         self.loras = loras
+        self.merged = MergedLoras(text2img, LORA_COMPONENTS, "SDXL")  # img2img shares the models
         self.fast_paths = fast_paths
         self.warm_up_size = warm_up_size
 
@@ -115,18 +116,18 @@ class SdxlFamily:
         return plan_sdxl(request)
 
     def generate(self, plan: SdxlPlan, progress: Progress) -> Generation:
-        """Fetch the reference (if any) and the LoRAs, run the pipeline with the LoRAs applied (the
-        models are as before once it returns), return the images with metadata."""
+        """Fetch the reference (if any) and the LoRAs, run the pipeline with the job's LoRAs merged (or
+        none), return the images with metadata."""
         reference = None
         if plan.reference_url is not None:
             reference = fetch_reference(plan.reference_url, "metadata.reference_image_url", self.limits)
         size = plan.size or size_for_aspect(*reference.size, area=REFERENCE_AREA, **SIZE_BOUNDS)
         loras = self.loras.resolve(plan.loras)
         try:
-            with loras_applied(self.text2img, LORA_COMPONENTS, loras, "SDXL"):  # img2img shares the models
-                images = self._run(plan, size, reference, progress)
+            self.merged.use(loras)
         finally:
             self.loras.release(loras)
+        images = self._run(plan, size, reference, progress)
         extra: dict[str, Any] = {}
         if plan.denoise_strength is not None:
             extra["denoise_strength"] = plan.denoise_strength

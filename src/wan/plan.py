@@ -24,12 +24,15 @@ from src.contract import (
     resolve_denoise,
     resolve_size,
 )
+from src.wan.turbo import STEPS as TURBO_STEPS
 
+TURBO = "video_turbo"  # FastWan 2.1 T2V 1.3B (src/wan/turbo.py)
 DEFAULTS = {  # job type -> (steps, guidance_scale, produces a video)
     "video_fast": (25, 6.5, True),
     "video_high": (50, 7.5, True),
     "image_fast": (25, 6.5, False),
     "image_high": (50, 7.5, False),
+    TURBO: (TURBO_STEPS, 1.0, True),  # fixed by the distillation: 3 steps, no classifier-free guidance
 }
 FPS = 16
 DEFAULT_SIZE = (832, 480)
@@ -93,6 +96,7 @@ class Reference:
 class WanPlan:
     """Everything needed to run one Wan job."""
 
+    model: str  # "t2v", "vace" or "turbo": which transformer runs it
     is_video: bool
     prompt: str
     negative_prompt: str | None
@@ -166,6 +170,24 @@ def _reference_mode(references: dict[str, Reference], is_video: bool) -> str:
     return next(iter(references), "none")
 
 
+def _check_turbo(config: WanConfig, references: dict[str, Reference]) -> None:
+    """What the distilled model cannot do is refused, not silently changed."""
+    if config.num_inference_steps not in (None, TURBO_STEPS):
+        raise JobError(
+            "config.num_inference_steps",
+            f"video_turbo runs exactly {TURBO_STEPS} steps, as it was distilled; leave it out",
+        )
+    if config.guidance_scale not in (None, 1.0):
+        raise JobError(
+            "config.guidance_scale", "video_turbo runs without classifier-free guidance (1); leave it out"
+        )
+    if references:
+        raise JobError(
+            next(iter(references.values())).field,
+            "video_turbo takes no reference images (there is no distilled VACE model); use video_fast",
+        )
+
+
 def plan_wan(request: JobRequest) -> WanPlan:
     """Apply the Wan rules to a validated request."""
     default_steps, default_guidance, is_video = DEFAULTS[request.type]
@@ -179,9 +201,12 @@ def plan_wan(request: JobRequest) -> WanPlan:
     if not prompt:
         raise JobError("prompt", "is required")
     references = _references(config, metadata)
+    if request.type == TURBO:
+        _check_turbo(config, references)
     mode = _reference_mode(references, is_video)
     denoise = resolve_denoise(metadata, config, DEFAULT_DENOISE) if references else None
     return WanPlan(
+        model="turbo" if request.type == TURBO else ("vace" if references else "t2v"),
         is_video=is_video,
         prompt=prompt,
         negative_prompt=request.negative_prompt,

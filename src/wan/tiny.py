@@ -1,10 +1,11 @@
-"""Tiny random-weight Wan 2.1 T2V and VACE pipelines built from the real classes.
+"""Tiny random-weight Wan 2.1 T2V, VACE and turbo (FastWan) pipelines built from the real classes.
 
-Used by tests, the CPU demo and ``MODEL_PROFILE=tiny``: the two output directories
-have the layout of ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers`` and
-``Wan-AI/Wan2.1-VACE-1.3B-diffusers`` and load through ``WanPipeline`` and
-``WanVACEPipeline.from_pretrained``. Their tokenizer, text encoder, VAE and scheduler
-are byte-identical, so a worker can load them once and share them.
+Used by tests, the CPU demo and ``MODEL_PROFILE=tiny``: the three output directories have the
+layout of ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``, ``Wan-AI/Wan2.1-VACE-1.3B-diffusers`` and
+``FastVideo/FastWan2.1-T2V-1.3B-Diffusers`` and load through ``WanPipeline`` and
+``WanVACEPipeline.from_pretrained``. Their tokenizer, text encoder, VAE and scheduler are
+byte-identical, so a worker can load them once and share them; the turbo transformer is the T2V
+architecture with its own (random) weights, as FastWan is Wan 2.1 T2V 1.3B distilled.
 """
 
 import math
@@ -74,8 +75,8 @@ def wan_scheduler() -> UniPCMultistepScheduler:
     )
 
 
-def build_tiny_wan(t2v_dir: Path, vace_dir: Path) -> None:
-    """Write tiny, deterministic Wan T2V and VACE pipelines (a few MB each)."""
+def build_tiny_wan(t2v_dir: Path, vace_dir: Path, turbo_dir: Path | None = None) -> None:
+    """Write tiny, deterministic Wan T2V, VACE and (given its directory) turbo pipelines (a few MB each)."""
     torch.manual_seed(SEED)
     tokenizer = umt5_tokenizer()
     text_encoder = UMT5EncoderModel(
@@ -103,3 +104,8 @@ def build_tiny_wan(t2v_dir: Path, vace_dir: Path) -> None:
     )
     vace = WanVACEPipeline(**shared, scheduler=wan_scheduler(), transformer=vace_transformer)
     vace.save_pretrained(vace_dir)
+    if turbo_dir is not None:
+        turbo = WanPipeline(
+            **shared, scheduler=wan_scheduler(), transformer=WanTransformer3DModel(**TRANSFORMER)
+        )
+        turbo.save_pretrained(turbo_dir)
