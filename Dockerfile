@@ -1,5 +1,4 @@
-# syntax=docker/dockerfile:1.7
-# RunPod Serverless worker (SDXL + Wan 2.1) with the weights baked in. Build with BuildKit:
+# RunPod Serverless worker (SDXL, Wan 2.1, optionally the prompt LLM), weights baked in. Build with BuildKit:
 #
 #   docker build --platform linux/amd64 --secret id=hf_token,env=HF_TOKEN \
 #     --build-arg WORKER_MODELS=sdxl,wan -t <registry>/<image>:<tag> .
@@ -60,6 +59,16 @@ RUN --mount=type=secret,id=hf_token,required=false \
     case ",${BAKE_MODELS}," in \
       *,wan,*) python builder/download_models.py --families wan --download-cache /var/cache/hf-downloads ;; \
       *) echo "wan not in BAKE_MODELS=${BAKE_MODELS}: not baked" ;; \
+    esac
+# Prompt enhancement's LLM (WORKER_MODELS=sdxl,wan,prompt): PROMPT_MODEL, any transformers causal LM
+# with a chat template (Qwen/Qwen2.5-3B-Instruct for smaller GPUs).
+ARG PROMPT_MODEL=Qwen/Qwen2.5-7B-Instruct
+RUN --mount=type=secret,id=hf_token,required=false \
+    --mount=type=cache,target=/var/cache/hf-downloads,sharing=locked \
+    case ",${BAKE_MODELS}," in \
+      *,prompt,*) python builder/download_models.py --families prompt --prompt-model "${PROMPT_MODEL}" \
+                    --download-cache /var/cache/hf-downloads ;; \
+      *) echo "prompt not in BAKE_MODELS=${BAKE_MODELS}: not baked" ;; \
     esac
 
 # 3. The worker's code, last: it changes most often.

@@ -6,7 +6,7 @@ DEMO_ENV := MODEL_PROFILE=tiny LOCAL_STORAGE_DIR=outputs MODELS_DIR=.cache/model
 INPUT ?= test_input.json
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo run test lint schema clean
+.PHONY: help install demo run test image-test lint schema clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -32,6 +32,9 @@ lint: install ## ruff and hadolint
 
 test: install lint ## lint, then the whole test suite (CPU, tiny models, a local S3 server)
 	$(PY) -m pytest -q
+
+image-test: ## build the Dockerfile (no weights) and run the image: jobs, a bad payload, unwritable dirs (root or a Docker daemon)
+	bash tests/image_test.sh
 
 schema: install ## regenerate docs/job.schema.json from the payload models
 	$(PY) -m src.schema

@@ -7,12 +7,13 @@ written exactly where and how the real baked weights live (see src/models.py):
 - ``MODELS_DIR/wan-t2v``: WanPipeline, bf16 transformer and UMT5-XXL, fp32 VAE
 - ``MODELS_DIR/wan-vace``, ``MODELS_DIR/wan-turbo``: ``model_index.json``, ``transformer/`` (bf16)
   and ``scheduler/`` only (the worker shares the rest from wan-t2v)
+- ``MODELS_DIR/prompt``: Qwen2ForCausalLM with Qwen2.5-7B-Instruct's architecture, bf16
 
 Modules are created on the GPU (fast init) directly in their storage dtype; weights are
 then overwritten with a small random normal so activations stay finite. Tokenizers are
 the tiny builders' (every id they produce is below the true vocab sizes).
 
-Usage: python -m bench.build_models MODELS_DIR [--only sdxl,wan]
+Usage: python -m bench.build_models MODELS_DIR [--only sdxl,wan,prompt]
 """
 
 from __future__ import annotations
@@ -208,14 +209,48 @@ def build_wan(t2v_dir: Path, vace_dir: Path, turbo_dir: Path) -> None:
         (directory / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline}, indent=2))
 
 
+QWEN_7B = dict(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=32768,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)  # Qwen2.5-7B-Instruct's architecture
+
+
+def build_prompt(target: Path) -> None:
+    """Qwen2.5-7B-Instruct's architecture, random bf16 weights, with the tiny tokenizer (its chat
+    template and end-of-turn ids)."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from src.prompt.tiny import END_OF_TEXT, IM_END, qwen_tokenizer
+
+    tokenizer = qwen_tokenizer()
+    end_ids = [tokenizer.convert_tokens_to_ids(token) for token in (IM_END, END_OF_TEXT)]
+    model = _randomise(_on_gpu(torch.bfloat16, lambda: Qwen2ForCausalLM(Qwen2Config(**QWEN_7B))), 11)
+    model.generation_config = GenerationConfig(eos_token_id=end_ids, pad_token_id=end_ids[1], do_sample=False)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
 def build(models_dir: Path, families: list[str]) -> dict[str, float]:
     """Build what is missing; returns seconds per family built."""
     times: dict[str, float] = {}
-    jobs = {"sdxl": (["sdxl"], build_sdxl), "wan": (["wan-t2v", "wan-vace", "wan-turbo"], build_wan)}
+    jobs = {
+        "sdxl": (["sdxl"], build_sdxl),
+        "wan": (["wan-t2v", "wan-vace", "wan-turbo"], build_wan),
+        "prompt": (["prompt"], build_prompt),
+    }
     for family in families:
         names, builder = jobs[family]
         dirs = [models_dir / name for name in names]
-        if all((d / "model_index.json").is_file() for d in dirs):
+        marker = "config.json" if family == "prompt" else "model_index.json"
+        if all((d / marker).is_file() for d in dirs):
             continue
         started = time.perf_counter()
         for d in dirs:

@@ -11,12 +11,17 @@ SDXL_UNET_TFLOP_PER_IMAGE = 6.75  # one UNet forward of one 1024x1024 latent (13
 SDXL_VAE_TFLOP = 10.5
 PROMPT = "a lighthouse on a cliff at sunset, dramatic clouds, photorealistic, detailed"
 NEGATIVE = "blurry, low quality"
+# sdxl_high_1_weighted: the same prompts with A1111 and Compel weights (the same token count)
+WEIGHTED_PROMPT = "a (lighthouse:1.3) on a cliff at sunset, (dramatic clouds)++, photorealistic, [detailed]"
+WEIGHTED_NEGATIVE = "(blurry:1.4), low quality-"
+ENHANCE_TOKENS = 256  # enhance_256: new tokens of prompt enhancement's LLM, forced
 
 SDXL_JOBS = {  # name -> (type, num_images, steps, guidance)
     "sdxl_high_1": ("sdxl_image_high", 1, 25, 7.5),
     "sdxl_high_3": ("sdxl_image_high", 3, 25, 7.5),
     "sdxl_fast_1": ("sdxl_image_fast", 1, 15, 6.0),
     "sdxl_high_1_lora": ("sdxl_image_high", 1, 25, 7.5),
+    "sdxl_high_1_weighted": ("sdxl_image_high", 1, 25, 7.5),
 }
 WAN_JOBS = {  # name -> (type, steps, guidance, reference)
     "video_fast": ("video_fast", 25, 6.5, False),
@@ -79,7 +84,14 @@ def payload(name: str, reference_url: str | None, wan_steps: int | None = None) 
     if name in LORA_JOBS:
         config["loras"] = [{"name": LORA_JOBS[name][0], "scale": 0.8}]
     job_id = f"bench-{name}-{time.monotonic_ns()}"
-    body = {"id": job_id, "type": job_type, "prompt": PROMPT, "negative_prompt": NEGATIVE, "user_id": "bench"}
+    weighted = name.endswith("_weighted")
+    body = {
+        "id": job_id,
+        "type": job_type,
+        "prompt": WEIGHTED_PROMPT if weighted else PROMPT,
+        "negative_prompt": WEIGHTED_NEGATIVE if weighted else NEGATIVE,
+        "user_id": "bench",
+    }
     return {"id": job_id, "input": {**body, "config": config, "metadata": metadata}}
 
 
@@ -104,6 +116,34 @@ def bench_loras(worker: Any, directory: Path, jobs: list[str]) -> None:
             ]
         tensors = {k: v.half() for k, v in kit.peft_layout(kit.join(*parts)).items()}
         (directory / f"{name}.safetensors").write_bytes(kit.to_bytes(tensors))
+
+
+def bench_enhance(worker: Any, timed: Any, runs: int = 3) -> dict[str, Any]:
+    """Prompt enhancement's ENHANCE_TOKENS new tokens (length forced: random weights), through the
+    worker's ``PromptFamily.rewrite`` (static cache, CUDA-graph decode step), against plain
+    transformers ``generate`` (bf16, greedy) on the same model and chat, in the same process."""
+    import torch
+
+    from src.prompt.instructions import SYSTEM_PROMPTS
+
+    (llm,) = [family for family in worker.families if family.name == "prompt"]
+    system = SYSTEM_PROMPTS["wan_en"]["text"]
+    ids = llm.chat_ids(system, PROMPT)
+    worker_s = [timed(llm.rewrite, system, PROMPT, stop_at_end=False)[1] for _ in range(runs)]
+    fixed = {"max_new_tokens": ENHANCE_TOKENS, "min_new_tokens": ENHANCE_TOKENS, "do_sample": False}
+    with torch.inference_mode():
+        llm.model.generate(ids, max_new_tokens=8, do_sample=False)  # first-call costs
+        plain_s = [timed(llm.model.generate, ids, **fixed)[1] for _ in range(2)]
+    result = {
+        "chat_tokens": ids.shape[1],
+        "new_tokens": llm.decoder.max_new_tokens,
+        "s": round(min(worker_s), 3),
+        "runs": [round(x, 3) for x in worker_s],
+        "plain_generate_s": round(min(plain_s), 3),
+        "plain_runs": [round(x, 3) for x in plain_s],
+    }
+    print(f"worker enhance_{ENHANCE_TOKENS}: {result}", flush=True)
+    return result
 
 
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
@@ -149,6 +189,15 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     ):
         if "worker_s" in get.get(job, {}) and "worker_s" in get.get(base, {}):
             summary[f"{key}_lora_overhead"] = round(get[job]["worker_s"] / get[base]["worker_s"], 3)
+    if "worker_s" in get.get("sdxl_high_1_weighted", {}) and "worker_s" in get.get("sdxl_high_1", {}):
+        weighted, plain_prompt = get["sdxl_high_1_weighted"]["worker_s"], get["sdxl_high_1"]["worker_s"]
+        summary["sdxl_weighted_overhead"] = round(weighted / plain_prompt, 3)
+        summary["sdxl_weighted_extra_s"] = round(weighted - plain_prompt, 3)
+    enhance = (cached or worker).get(f"enhance_{ENHANCE_TOKENS}")
+    if enhance:
+        summary[f"enhance_{ENHANCE_TOKENS}_tokens_s"] = enhance["s"]
+        summary[f"enhance_plain_generate_{ENHANCE_TOKENS}_tokens_s"] = enhance["plain_generate_s"]
+        summary["enhance_speedup"] = round(enhance["plain_generate_s"] / enhance["s"], 2)
     if "worker_s" in get.get("video_turbo", {}) and "worker_s" in get.get("video_fast", {}):
         summary["video_turbo_speedup_over_video_fast"] = round(
             get["video_fast"]["worker_s"] / get["video_turbo"]["worker_s"], 2

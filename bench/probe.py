@@ -250,20 +250,6 @@ def probe_lora_apply(models: Path, runs: int) -> dict[str, Any]:
     return results
 
 
-QWEN_7B = dict(
-    vocab_size=152064,
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    max_position_embeddings=32768,
-    rope_theta=1_000_000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)  # Qwen2.5-7B-Instruct's architecture
-
-
 def probe_llm_decode(
     models: Path, runs: int, new_tokens: int = 256, prompt_tokens: int = 200
 ) -> dict[str, Any]:
@@ -272,7 +258,7 @@ def probe_llm_decode(
     nothing compiled); ``+compile``: ``generate`` with a static cache, which torch.compiles its step."""
     from transformers import Qwen2Config, Qwen2ForCausalLM, StaticCache
 
-    from bench.build_models import _on_gpu, _randomise
+    from bench.build_models import QWEN_7B, _on_gpu, _randomise
 
     model = _randomise(_on_gpu(torch.bfloat16, lambda: Qwen2ForCausalLM(Qwen2Config(**QWEN_7B))), 11).eval()
     ids = torch.randint(

@@ -14,6 +14,8 @@ own process and writes ``results.json`` plus a table:
   ``Worker.handle`` with ``LOCAL_STORAGE_DIR`` storage.
 - ``cached``: a fresh worker process with the compiled packages the first one saved (and a fresh
   inductor directory, as on a new machine): cold start, then one SDXL job.
+- jobs are the names in bench/figures.py, and ``enhance_256``: prompt enhancement's LLM against plain
+  ``generate`` (``WORKER_MODELS`` with ``prompt``, ``--build ...,prompt``).
 - ``profile``: like ``cached``, then each job once under ``bench/gpu_profile.py`` (where its GPU time
   goes); Wan jobs run ``--profile-steps`` steps.
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -36,12 +39,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.figures import (
+    ENHANCE_TOKENS,
     NEGATIVE,
     PROMPT,
     SDXL_JOBS,
     WAN_FRAMES,
     WAN_JOBS,
     WAN_SIZE,
+    bench_enhance,
     bench_loras,
     payload,
     print_table,
@@ -212,6 +217,9 @@ def phase_worker(
     print(f"worker ready: {out['startup']}", flush=True)
 
     bench_loras(worker, worker.settings.loras_path, jobs)
+    if f"enhance_{ENHANCE_TOKENS}" in jobs:
+        out[f"enhance_{ENHANCE_TOKENS}"] = bench_enhance(worker, timed)
+        jobs = [job for job in jobs if job != f"enhance_{ENHANCE_TOKENS}"]
     generate_s: list[float] = []
     spans: dict[str, list[float]] = {"lora_use_s": [], "vae_decode_s": []}  # this job's calls
 
@@ -223,7 +231,7 @@ def phase_worker(
 
         return timed_call
 
-    for family in worker.families:
+    for family in (family for family in worker.families if family.job_types):  # not the prompt LLM
         family.generate = timing(family.generate, "generate")  # type: ignore[method-assign]
         merged = family.merged.values() if isinstance(family.merged, dict) else [family.merged]
         for each in merged:
@@ -313,7 +321,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--phases", default="build,plain,worker,cached")
     parser.add_argument("--jobs", default=",".join([*SDXL_JOBS, *WAN_JOBS]))
-    parser.add_argument("--build", default="sdxl,wan", help="families the build phase builds")
+    parser.add_argument("--build", default="sdxl,wan", help="families the build phase builds (and prompt)")
     parser.add_argument("--cached-jobs", default="sdxl_high_1", help="jobs the cached-worker phase runs")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each SDXL job (best reported)")
     parser.add_argument("--profile-steps", type=int, default=3, help="steps of the Wan jobs profiled")
@@ -339,7 +347,8 @@ def main() -> None:
         "COMPILE_CACHE_DIR": str(args.models.parent / "bench-compile-cache"),
         "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",  # the reference image is served on 127.0.0.1
     }
-    worker_env.update(kv.split("=", 1) for kv in args.worker_env.split(",") if kv)
+    # KEY=VALUE pairs, comma-separated; a value may hold commas (WORKER_MODELS=sdxl,wan,prompt)
+    worker_env.update(kv.split("=", 1) for kv in re.split(r",(?=[A-Z_]+=)", args.worker_env) if kv)
     for phase in phases:
         if phase == "build":
             continue

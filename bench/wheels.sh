@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # boto3 and botocore stay behind (13 MB compressed): the benchmark stores assets on local disk.
-LACKING="aiohttp-retry annotated-types backoff bcrypt cffi cryptography diffusers fastapi ftfy
+LACKING="aiohttp-retry annotated-types backoff bcrypt cffi compel cryptography diffusers fastapi ftfy
 imageio-ffmpeg importlib-metadata inquirerpy invoke lazy-importer opentelemetry-api paramiko pfzy
 prettytable prompt-toolkit pycparser pydantic pydantic-core pydantic-settings pynacl python-dotenv
 runpod starlette tomli tomlkit tqdm-loggable typing-inspection watchdog wcwidth"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import BuildError, CorruptFileError, UnavailableError, auth_hint, is_transient
-from builder.layout import ModelSpec, Part, plan_part, specs_for
+from builder.layout import PROMPT_REPO, ModelSpec, Part, plan_part, specs_for
 from builder.manifest import check_complete, new_manifest, recipe_id, write_manifest
 from builder.sources import Snapshot, Source, repo_folder
 from builder.transfer import transfer
@@ -35,13 +35,14 @@ class BuildOptions:
     backoff_s: float = 2.0
     sleep: Callable[[float], None] = time.sleep
     delete_downloads: Path | None = None  # a download cache to clean after each model
+    prompt_model: str = PROMPT_REPO  # the prompt family's LLM repo (PROMPT_MODEL)
 
 
 def build(families: Iterable[str], options: BuildOptions) -> dict[str, str]:
     """Build every model directory the families need; return name -> 'built' or 'skipped'."""
     options.models_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, str] = {}
-    for spec in specs_for(families):
+    for spec in specs_for(families, options.prompt_model):
         recipe = recipe_id(spec, options.revisions)
         target = options.models_dir / spec.name
         reason = "rebuild forced" if options.force else check_complete(target, recipe, options.verify)

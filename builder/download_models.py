@@ -14,6 +14,12 @@ What it writes (see src/models.py for what the worker reads):
 - ``wan-vace/``: ``Wan-AI/Wan2.1-VACE-1.3B-diffusers``: ``model_index.json``, ``scheduler/`` and the
   transformer (bf16). The worker shares T2V's text encoder, tokenizer and VAE, so ``text_encoder``,
   ``tokenizer`` and ``vae`` are relative symlinks to ``../wan-t2v/`` instead of an 11 GB copy.
+- ``wan-turbo/``: ``FastVideo/FastWan2.1-T2V-1.3B-Diffusers``'s transformer (bf16) and scheduler, for
+  ``video_turbo``; its text encoder, tokenizer and VAE must be T2V's files (checked), and are links.
+- ``prompt/`` (family ``prompt``, not built by default): the LLM of prompt enhancement,
+  ``--prompt-model`` (``$PROMPT_MODEL``, default ``Qwen/Qwen2.5-7B-Instruct``, Apache-2.0; any
+  transformers causal LM with a chat template, e.g. ``Qwen/Qwen2.5-3B-Instruct`` for smaller GPUs):
+  its config, generation config, tokenizer files and chat template, weights in bf16.
 
 Sources, tried in order for every repo: hub caches given with ``--hub-cache`` (any directory laid out
 as the Hugging Face hub cache: RunPod's cached models at ``/runpod-volume/huggingface-cache/hub``, used
@@ -23,8 +29,9 @@ by default when it exists, or a cache kept on a network volume), then the downlo
 LFS sha256 or git blob sha1) when online, against the name of its cache blob (blobs are named by
 sha256 for LFS files, by git sha1 for the others) or the cache's tree listing otherwise. A corrupt
 download is dropped and fetched again; a corrupt cache file makes the builder move on to the next
-source, and to fail naming the file when none is left. Transient network errors are retried with
-exponential backoff.
+source, and to fail naming the file when none is left. Every hub request has a timeout (``--timeout``,
+30 s); timeouts and other transient network errors are retried with exponential backoff, at most
+``--retries`` (5) times, then the build fails naming the repository.
 
 Each finished model directory holds ``.builder-manifest.json`` (sources, commits, every file's size
 and sha256). A later run skips a model whose manifest matches the recipe and whose files have the
@@ -52,11 +59,12 @@ if not __package__:  # run as `python builder/download_models.py`: builder/ is s
 
 from builder.build import BuildOptions, build
 from builder.errors import BuildError
+from builder.layout import PROMPT_REPO
 from builder.sources import CacheSource, HubSource, Source
 
 log = logging.getLogger("download_models")
 
-FAMILIES = ("sdxl", "wan")
+FAMILIES = ("sdxl", "wan", "prompt")
 RUNPOD_CACHE = Path("/runpod-volume/huggingface-cache/hub")
 SECRET_TOKEN_FILE = Path("/run/secrets/hf_token")
 
@@ -108,7 +116,7 @@ def parse_revision(value: str) -> tuple[str, str]:
 
 
 def make_sources(
-    hub_caches: list[Path], download_cache: Path, offline: bool, token: str | None
+    hub_caches: list[Path], download_cache: Path, offline: bool, token: str | None, timeout_s: float = 30.0
 ) -> list[Source]:
     """Read-only hub caches first, then the download cache, then the hub (unless offline)."""
     caches = list(hub_caches) or ([RUNPOD_CACHE] if RUNPOD_CACHE.is_dir() else [])
@@ -116,7 +124,7 @@ def make_sources(
     if all(path.resolve() != download_cache.resolve() for path in caches):
         sources.append(CacheSource(download_cache, f"download cache {download_cache}"))
     if not offline:
-        sources.append(HubSource(download_cache, token))
+        sources.append(HubSource(download_cache, token, timeout_s=timeout_s))
     return sources
 
 
@@ -127,7 +135,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--families",
         type=parse_families,
         default=parse_families(os.environ.get("WORKER_MODELS") or "sdxl,wan"),
-        help="comma-separated: sdxl, wan or all (default: $WORKER_MODELS or sdxl,wan)",
+        help="comma-separated: sdxl, wan, prompt or all (default: $WORKER_MODELS or sdxl,wan)",
+    )
+    parser.add_argument(
+        "--prompt-model",
+        default=os.environ.get("PROMPT_MODEL") or PROMPT_REPO,
+        help=f"the prompt family's LLM, a hub repo (default: $PROMPT_MODEL or {PROMPT_REPO})",
     )
     parser.add_argument(
         "--models-dir",
@@ -163,6 +176,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="pin a repo to a branch, tag or commit (default: main)",
     )
     parser.add_argument("--retries", type=int, default=5, help="attempts per source on transient errors")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds to connect and to wait for data, per hub request (downloads: HF_HUB_DOWNLOAD_TIMEOUT)",
+    )
     parser.add_argument("--token-file", default=None, help="file holding the hub token")
     parser.add_argument(
         "--delete-downloads",
@@ -181,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     download_cache = args.download_cache or default_download_cache()
     offline = args.offline or offline_from_env()
     sources = make_sources(
-        args.hub_cache, download_cache, offline, None if offline else read_token(args.token_file)
+        args.hub_cache,
+        download_cache,
+        offline,
+        None if offline else read_token(args.token_file),
+        args.timeout,
     )
     options = BuildOptions(
         models_dir=args.models_dir,
@@ -191,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         force=args.force,
         retries=max(1, args.retries),
         delete_downloads=download_cache if args.delete_downloads else None,
+        prompt_model=args.prompt_model,
     )
     log.info(
         "families %s into %s; sources: %s",

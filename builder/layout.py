@@ -1,6 +1,6 @@
 """Which repo files go where: the model directories under MODELS_DIR and how each is planned.
 
-A ``ModelSpec`` is one directory (sdxl, wan-t2v, wan-vace, wan-turbo): the repos that contribute to
+A ``ModelSpec`` is one directory (sdxl, wan-t2v, wan-vace, wan-turbo, prompt): the repos that contribute to
 it, what each contributes (plain files, weights stored in a given dtype) and the relative links it
 holds.
 ``plan_part`` turns one repo's listing into the ``Step``s that write its share.
@@ -22,6 +22,7 @@ SDXL_VAE_REPO = "madebyollin/sdxl-vae-fp16-fix"
 WAN_T2V_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 WAN_VACE_REPO = "Wan-AI/Wan2.1-VACE-1.3B-diffusers"
 FASTWAN_REPO = "FastVideo/FastWan2.1-T2V-1.3B-Diffusers"  # video_turbo: Wan 2.1 T2V 1.3B, DMD-distilled
+PROMPT_REPO = "Qwen/Qwen2.5-7B-Instruct"  # prompt enhancement's LLM: PROMPT_MODEL's default
 
 
 # --------------------------------------------------------------------------- recipes
@@ -171,10 +172,39 @@ SPECS: tuple[ModelSpec, ...] = (
 )
 
 
-def specs_for(families: Iterable[str]) -> list[ModelSpec]:
-    """The model directories the given families need, in build order."""
+def prompt_spec(repo: str) -> ModelSpec:
+    """``prompt/``: a transformers causal LM (``repo``, PROMPT_MODEL) with its tokenizer and chat
+    template, weights in bf16."""
+    tokenizer = (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+        "special_tokens_map.json",
+    )
+    return ModelSpec(
+        name="prompt",
+        family="prompt",
+        parts=(
+            Part(
+                repo,
+                (
+                    Files(
+                        ("generation_config.json", "chat_template.jinja", "LICENSE", *tokenizer),
+                        required=("tokenizer_config.json",),
+                    ),
+                    Weights("", "model", "bfloat16"),
+                ),
+            ),
+        ),
+    )
+
+
+def specs_for(families: Iterable[str], prompt_model: str = PROMPT_REPO) -> list[ModelSpec]:
+    """The model directories the given families need, in build order (``prompt_model``: the
+    prompt family's repo)."""
     wanted = set(families)
-    return [spec for spec in SPECS if spec.family in wanted]
+    return [spec for spec in (*SPECS, prompt_spec(prompt_model)) if spec.family in wanted]
 
 
 # --------------------------------------------------------------------------- planning

@@ -147,15 +147,20 @@ class HubSource:
     refetchable = True
     label = "huggingface.co"
 
-    def __init__(self, cache_dir: Path, token: str | None, api: Any = None) -> None:
+    def __init__(self, cache_dir: Path, token: str | None, api: Any = None, timeout_s: float = 30.0) -> None:
+        """``timeout_s``: connecting and each wait for data, per request (a silent server fails the
+        request, which the builder retries a bounded number of times)."""
         from huggingface_hub import HfApi
 
         self.cache_dir = Path(cache_dir)
         self.token = token
         self.api = api or HfApi(token=token)
+        self.timeout_s = timeout_s
 
     def snapshot(self, repo: str, revision: str) -> Snapshot:
-        info = self.api.model_info(repo, revision=revision, files_metadata=True, token=self.token)
+        info = self.api.model_info(
+            repo, revision=revision, files_metadata=True, token=self.token, timeout=self.timeout_s
+        )
         files: dict[str, FileMeta] = {}
         for sibling in info.siblings or []:
             lfs = sibling.lfs
@@ -176,6 +181,7 @@ class HubSource:
             allow_patterns=[glob_escape(path) for path in paths],
             cache_dir=self.cache_dir,
             token=self.token,
+            etag_timeout=self.timeout_s,
         )
         snap.root = Path(folder)
 

@@ -13,8 +13,10 @@ def completed(
     job_type: str,
     reference_mode: str,
     ignored_keys: list[str] | None = None,
+    enhancement: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A finished job: every asset is already stored. ``ignored_keys``: payload keys nothing read."""
+    """A finished job: every asset is already stored. ``ignored_keys``: payload keys nothing read;
+    ``enhancement``: the prompt enhancement's keys (both prompts, its time, why it was not used)."""
     metadata: dict[str, Any] = {
         "generation_time": round(generation_time, 3),
         "job_type": job_type,
@@ -22,6 +24,7 @@ def completed(
     }
     if ignored_keys:
         metadata["ignored_keys"] = ignored_keys
+    metadata.update(enhancement or {})
     return {"job_id": job_id, "status": "completed", "assets": assets, "metadata": metadata}
 
 

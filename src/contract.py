@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -145,6 +145,20 @@ class GenerationConfig(Section):
         ge=0,
         le=1,
         description="Reference jobs: how much is regenerated, 0-1 (metadata.denoise_strength wins).",
+    )
+    output_format: Literal["png", "webp", "jpeg"] = Field(
+        "png",
+        description="Image jobs: the file format, `png` (lossless), `webp` or `jpeg`; the key's extension "
+        "and content type follow. Thumbnails stay 256 px WEBP; videos stay MP4.",
+    )
+    output_quality: int = Field(
+        90, ge=1, le=100, description="Image jobs: `webp` and `jpeg` quality, 1-100 (PNG is lossless)."
+    )
+    enhance_prompt: bool = Field(
+        False,
+        description="Rewrite the prompt with the worker's LLM before generating (the Wan team's prompt "
+        "extension for Wan jobs, tag-style for SDXL); the job's metadata has both prompts. Needs `prompt` "
+        "in WORKER_MODELS. The `*_enhanced` job types always enhance.",
     )
     loras: list[LoraSpec] = Field(
         default_factory=list,

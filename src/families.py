@@ -1,4 +1,4 @@
-"""The model families a worker can load: their protocol, the registry, loading and warming them."""
+"""The model families a worker can load: their protocols, the registry, loading and warming them."""
 
 from __future__ import annotations
 
@@ -20,24 +20,33 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Family name (as in WORKER_MODELS) -> "module:class", imported only when needed (diffusers, torch).
-REGISTRY = {"sdxl": "src.sdxl.family:SdxlFamily", "wan": "src.wan.family:WanFamily"}
+REGISTRY = {
+    "sdxl": "src.sdxl.family:SdxlFamily",
+    "wan": "src.wan.family:WanFamily",
+    "prompt": "src.prompt.family:PromptFamily",
+}
 
 
-class ModelFamily(Protocol):
-    """A family of models (SDXL, Wan) that serves some job types."""
+class Family(Protocol):
+    """Models a worker loads and warms once, at start-up."""
 
     name: str
-    job_types: frozenset[str]
-    config_model: type[BaseModel]  # the job's ``config``
-    metadata_model: type[BaseModel]  # the ``metadata`` keys the family reads
+    job_types: frozenset[str]  # the job types it generates (none for ``prompt``)
     fast_paths: FastPaths
 
     @classmethod
-    def load(cls, settings: Settings) -> ModelFamily:
+    def load(cls, settings: Settings) -> Family:
         """Load the weights (once, at start-up)."""
 
     def warm_up(self, phases: Phases) -> None:
         """Prepare the fast paths and run the models once, so the first job pays no first-call cost."""
+
+
+class ModelFamily(Family, Protocol):
+    """A family of models (SDXL, Wan) that generates some job types."""
+
+    config_model: type[BaseModel]  # the job's ``config``
+    metadata_model: type[BaseModel]  # the ``metadata`` keys the family reads
 
     def plan(self, request: JobRequest) -> Any:
         """Validate the family-specific payload; raise JobError naming the field."""
@@ -55,7 +64,7 @@ def check_names(names: list[str]) -> None:
             )
 
 
-def family_class(name: str) -> type[ModelFamily]:
+def family_class(name: str) -> type[Family]:
     """The class of the family called ``name`` (imported now)."""
     check_names([name])
     module, _, attribute = REGISTRY[name].partition(":")
@@ -67,7 +76,7 @@ def all_job_types() -> dict[str, str]:
     return {job_type: name for name in REGISTRY for job_type in family_class(name).job_types}
 
 
-def load_families(settings: Settings) -> tuple[list[ModelFamily], dict[str, Any]]:
+def load_families(settings: Settings) -> tuple[list[Family], dict[str, Any]]:
     """Load and warm every family named in WORKER_MODELS, once, at start-up.
 
     Returns the families and the start-up record: seconds per phase (``load_<family>_s``,
@@ -77,7 +86,7 @@ def load_families(settings: Settings) -> tuple[list[ModelFamily], dict[str, Any]
     """
     check_names(settings.worker_models)  # before any model loads
     phases = Phases()
-    families: list[ModelFamily] = []
+    families: list[Family] = []
     for name in settings.worker_models:
         with phases.phase(f"load_{name}"):
             with phases.phase(f"load_{name}_imports"):  # the first import of diffusers and transformers

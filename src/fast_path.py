@@ -127,3 +127,14 @@ def relative_error(got: Any, expected: Any) -> float:
         errors.append(((out.float() - reference).norm() / reference.norm().clamp_min(1e-12)).item())
     error = max(errors)
     return error if math.isfinite(error) else math.inf
+
+
+GRAPH_MAX_RELATIVE_ERROR = 1e-3  # a CUDA graph's replay vs eager: the same kernels, so ~0
+
+
+def check_graph_replay(name: str, error: float) -> None:
+    """Raise UnavailableError when a CUDA graph's replay disagrees with the eager call (``error``:
+    ``relative_error`` of the two); else log the agreement."""
+    if error > GRAPH_MAX_RELATIVE_ERROR:  # infinite when not finite
+        raise UnavailableError(f"the CUDA graph's replay disagrees with eager (relative error {error:.3g})")
+    log.info("%s: CUDA graph replay vs eager: relative error %.3g", name, error)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -22,9 +23,14 @@ def device_map_kwargs(device: str) -> dict[str, str]:
 
 
 def model_dirs(
-    settings: Settings, names: list[str], build_tiny: Callable[..., None], hints: dict[str, str] | None = None
+    settings: Settings,
+    names: list[str],
+    build_tiny: Callable[..., None],
+    hints: dict[str, str] | None = None,
+    marker: str = "model_index.json",
 ) -> list[Path]:
-    """The diffusers directories for ``names`` under MODELS_DIR.
+    """The model directories for ``names`` under MODELS_DIR (diffusers' layout, or transformers' with
+    ``marker="config.json"``).
 
     ``full``: they must exist (the worker never falls back to tiny models); ``hints`` add to the
     refusal, by directory name.
@@ -34,10 +40,10 @@ def model_dirs(
     if settings.model_profile == "full":
         dirs = [settings.models_dir / name for name in names]
         for path in dirs:
-            if not (path / "model_index.json").is_file():
+            if not (path / marker).is_file():
                 hint = (hints or {}).get(path.name, "")
                 raise StartupError(
-                    f"model weights missing: {path} has no model_index.json. Bake them with "
+                    f"model weights missing: {path} has no {marker}. Bake them with "
                     "builder/download_models.py, point MODELS_DIR at them, or use "
                     f"MODEL_PROFILE=tiny for CPU development{'; ' + hint if hint else ''}"
                 )
@@ -45,9 +51,15 @@ def model_dirs(
     root = settings.models_dir / TINY_SUBDIR
     dirs = [root / name for name in names]
     definition = tiny_definition(build_tiny)
-    if not all(_built_from(path, definition) for path in dirs):
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=".build-"))
+    if not all(_built_from(path, definition, marker) for path in dirs):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=root, prefix=".build-"))
+        except OSError as err:
+            raise StartupError(
+                f"MODEL_PROFILE=tiny builds its models under MODELS_DIR/{TINY_SUBDIR}, but {root} cannot be "
+                f"written ({err.strerror}): set MODELS_DIR to a writable directory (uid {os.getuid()})"
+            ) from None
         try:
             build_tiny(*(staging / name for name in names))
             for name, path in zip(names, dirs, strict=True):
@@ -60,13 +72,18 @@ def model_dirs(
 
 
 def tiny_definition(build_tiny: Callable[..., None]) -> str:
-    """A digest of the source that defines the tiny models: a changed definition rebuilds them."""
-    source = Path(inspect.getsourcefile(build_tiny) or "").read_bytes()
-    return hashlib.sha256(source).hexdigest()[:16]
+    """A digest of the source that defines the tiny models, and of the data files it reads (its
+    module's ``TINY_INPUTS``): a changed definition rebuilds them."""
+    module = inspect.getmodule(build_tiny)
+    paths = [Path(inspect.getsourcefile(build_tiny) or ""), *getattr(module, "TINY_INPUTS", ())]
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
-def _built_from(path: Path, definition: str) -> bool:
+def _built_from(path: Path, definition: str, marker: str) -> bool:
     try:
-        return (path / "model_index.json").is_file() and (path / DEFINITION_FILE).read_text() == definition
+        return (path / marker).is_file() and (path / DEFINITION_FILE).read_text() == definition
     except OSError:
         return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -21,11 +22,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, env_ignore_empty=True)
 
     models_dir: Path = Field(
-        Path("/models"), description="Where the baked model weights live (`sdxl/`, `wan-t2v/`, `wan-vace/`)."
+        Path("/models"),
+        description="Where the baked model weights live (`sdxl/`, `wan-t2v/`, `wan-vace/`, `wan-turbo/`, "
+        "`prompt/`).",
     )
     worker_models: Annotated[list[str], NoDecode] = Field(
         default=["sdxl", "wan"],
-        description="Model families to load and warm at start, comma-separated: `sdxl`, `wan`.",
+        description="Model families to load and warm at start, comma-separated: `sdxl`, `wan`, and "
+        "`prompt` (the LLM of prompt enhancement: the `*_enhanced` job types, `config.enhance_prompt`).",
     )
     model_profile: Literal["full", "tiny"] = Field(
         "full",
@@ -85,6 +89,20 @@ class Settings(BaseSettings):
         description="On CUDA, the Wan VAE's precision (encode and decode): `bfloat16` decodes faster than "
         "`float32`, within a small error of it (both measured: docs/PERFORMANCE.md). CPU runs float32.",
     )
+    enhance_max_new_tokens: int = Field(
+        256,
+        ge=1,
+        le=2048,
+        description="Prompt enhancement: the most tokens the LLM writes (an answer cut off there keeps its "
+        "complete sentences).",
+    )
+    enhance_max_input_tokens: int = Field(
+        3072,
+        ge=64,
+        le=32768,
+        description="Prompt enhancement: the longest chat (system prompt and job prompt) in tokens; a longer "
+        "one is not enhanced (the job runs with its own prompt). Sizes the LLM's KV cache.",
+    )
     max_loras: int = Field(4, ge=0, le=16, description="Most LoRAs one job may name in config.loras.")
     max_lora_bytes: int = Field(2**30, gt=0, description="Largest LoRA file a job may download, in bytes.")
     lora_timeout_s: float = Field(120.0, gt=0, description="Time allowed for one LoRA download, in seconds.")
@@ -123,8 +141,8 @@ class Settings(BaseSettings):
     )
     cuda_graphs: bool = Field(
         True,
-        description="On CUDA, replay the SDXL text encoders from CUDA graphs captured at start-up: the "
-        "same kernels, without launching each from Python.",
+        description="On CUDA, replay the SDXL text encoders and the prompt LLM's decode step from CUDA "
+        "graphs captured at start-up: the same kernels, without launching each from Python.",
     )
     attention_backend: Literal["auto", "cudnn", "flash", "native"] = Field(
         "auto",
@@ -142,8 +160,8 @@ class Settings(BaseSettings):
     @field_validator("worker_models")
     @classmethod
     def _dedupe_families(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("name at least one of: sdxl, wan")
+        if not set(value) - {"prompt"}:
+            raise ValueError("name at least one of: sdxl, wan (prompt only enhances their jobs)")
         return list(dict.fromkeys(value))
 
     @model_validator(mode="after")
@@ -171,6 +189,23 @@ class Settings(BaseSettings):
     def compile_cache_path(self) -> Path:
         """COMPILE_CACHE_DIR, or MODELS_DIR/compile-cache."""
         return self.compile_cache_dir or self.models_dir / "compile-cache"
+
+    def compile_cache_problem(self) -> str | None:
+        """Why compiled packages cannot be saved in COMPILE_CACHE_DIR, or None when they can (made if
+        missing, then a file written and removed there)."""
+        cache_dir = self.compile_cache_path
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            probe = cache_dir / f".write-check-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            return (
+                f"COMPILE_CACHE_DIR={cache_dir} is not writable for this user (uid {os.getuid()}: "
+                f"{err.strerror}): packages compiled here are not saved, so every start compiles again; "
+                "make it writable or point COMPILE_CACHE_DIR elsewhere"
+            )
+        return None
 
     @property
     def torch_device(self) -> str:

@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import load_file, save
 
 from builder import download_models as dm
-from builder.layout import FASTWAN_REPO, SDXL_REPO, SDXL_VAE_REPO, WAN_T2V_REPO, WAN_VACE_REPO
+from builder.layout import FASTWAN_REPO, PROMPT_REPO, SDXL_REPO, SDXL_VAE_REPO, WAN_T2V_REPO, WAN_VACE_REPO
 from builder.sources import CacheSource, repo_folder
 from src.models import model_dirs
+from src.prompt.tiny import build_tiny_prompt
 from src.sdxl.tiny import build_tiny_sdxl
 from src.settings import Settings
 from src.wan.tiny import build_tiny_wan
@@ -68,17 +69,21 @@ def st_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save(tensors, metadata={"format": "pt"})
 
 
-def tiny_dirs() -> tuple[Path, Path, Path, Path]:
+SMALL_PROMPT_REPO = "Qwen/Qwen2.5-3B-Instruct"  # another PROMPT_MODEL
+
+
+def tiny_dirs() -> tuple[Path, Path, Path, Path, Path]:
     """The tiny models conftest's workers use (built once, cached under TEST_MODELS_DIR)."""
     settings = Settings(models_dir=TEST_MODELS_DIR, model_profile="tiny", local_storage_dir=TEST_MODELS_DIR)
     (sdxl,) = model_dirs(settings, ["sdxl"], build_tiny_sdxl)
     t2v, vace, turbo = model_dirs(settings, ["wan-t2v", "wan-vace", "wan-turbo"], build_tiny_wan)
-    return sdxl, t2v, vace, turbo
+    (prompt,) = model_dirs(settings, ["prompt"], build_tiny_prompt, marker="config.json")
+    return sdxl, t2v, vace, turbo, prompt
 
 
 def build_fake_cache(cache: Path) -> None:
-    """The five repos the builder reads, made from the tiny models."""
-    sdxl, t2v, vace, turbo = tiny_dirs()
+    """The seven repos the builder reads, made from the tiny models."""
+    sdxl, t2v, vace, turbo, prompt = tiny_dirs()
 
     # SDXL base: plain fp32 weights plus the fp16 variant files the builder should pick, an extra
     # single-file checkpoint it must leave alone, and the original VAE it must replace.
@@ -135,6 +140,11 @@ def build_fake_cache(cache: Path) -> None:
         if rel.split("/")[0] not in ("text_encoder", "tokenizer", "vae")
     }
     add_repo(cache, FASTWAN_REPO, {**own, **shared})
+
+    # The LLMs: fp32 weights (stored bf16) and a file the builder must leave alone.
+    llm = {**read_tree(prompt), "README.md": b"not copied"}
+    add_repo(cache, PROMPT_REPO, llm)
+    add_repo(cache, SMALL_PROMPT_REPO, llm)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +207,15 @@ class FakeApi:
     def __init__(self, cache: Path) -> None:
         self.cache = cache
 
-    def model_info(self, repo: str, *, revision: str, files_metadata: bool, token: str | None) -> Any:
+    def model_info(
+        self,
+        repo: str,
+        *,
+        revision: str,
+        files_metadata: bool,
+        token: str | None,
+        timeout: float | None = None,
+    ) -> Any:
         assert files_metadata and revision == "main"
         snap = CacheSource(self.cache).snapshot(repo, revision)
         siblings = []

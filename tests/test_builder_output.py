@@ -19,11 +19,12 @@ from safetensors.torch import load_file, save_file
 
 from builder.build import BuildOptions, build
 from builder.hashed_io import CHUNK, file_sha256
-from builder.layout import FASTWAN_REPO, WAN_T2V_REPO, Step
+from builder.layout import FASTWAN_REPO, PROMPT_REPO, WAN_T2V_REPO, Step
 from builder.manifest import MANIFEST
 from builder.sources import CacheSource, Snapshot, repo_folder
 from builder.transfer import transfer
-from src.settings import Settings
+from src.prompt.family import PromptFamily
+from src.settings import Settings, StartupError
 from src.worker import start_worker
 from tests import fake_hub
 from tests.fake_hub import add_commit, cli, run_builder
@@ -219,3 +220,60 @@ def test_streaming_conversion_matches_torch(tmp_path: Path) -> None:
     assert torch.equal(out["big"], tensors["big"].to(torch.bfloat16))
     assert torch.equal(out["ids"], tensors["ids"]) and out["empty"].dtype == torch.bfloat16
     assert entry["size"] == (tmp_path / "out.safetensors").stat().st_size and not verified
+
+
+def test_the_prompt_family_bakes_prompt_model_and_the_worker_loads_it(
+    hub_cache: Path, tmp_path: Path, offline: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = tmp_path / "models"
+    args = ["--families", "prompt", "--models-dir", str(models), "--hub-cache", str(hub_cache)]
+    assert run_builder(*args, "--download-cache", str(tmp_path / "dl")) == 0
+    llm = models / "prompt"
+    names = sorted(p.name for p in llm.iterdir() if not p.name.startswith("."))
+    assert names == [
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]  # not the README
+    assert dtypes(llm / "model.safetensors") == {"BF16"}
+    manifest = json.loads((llm / MANIFEST).read_text())
+    assert list(manifest["sources"]) == [PROMPT_REPO]
+    for rel, info in manifest["files"].items():
+        assert file_sha256(llm / rel) == info["sha256"]
+
+    settings = Settings(
+        models_dir=models,
+        model_profile="full",
+        worker_models=["wan", "prompt"],
+        device="cpu",
+        local_storage_dir=tmp_path,
+    )
+    family = PromptFamily.load(settings)
+    assert family.model.dtype == torch.float32 and family.rewrite("Rewrite.", "a cat").tokens > 0
+
+    # Another PROMPT_MODEL rebuilds prompt/ from that repo.
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("PROMPT_MODEL", fake_hub.SMALL_PROMPT_REPO)
+    try:
+        assert run_builder(*args, "--download-cache", str(tmp_path / "dl")) == 0
+    finally:
+        monkeypatch.undo()
+    assert "prompt built" in capsys.readouterr().out.splitlines()[-1]
+    assert list(json.loads((llm / MANIFEST).read_text())["sources"]) == [fake_hub.SMALL_PROMPT_REPO]
+
+
+def test_a_worker_without_baked_prompt_weights_says_what_to_bake(tmp_path: Path) -> None:
+    settings = Settings(
+        models_dir=tmp_path,
+        model_profile="full",
+        worker_models=["wan", "prompt"],
+        device="cpu",
+        local_storage_dir=tmp_path,
+    )
+    with pytest.raises(StartupError) as refused:
+        PromptFamily.load(settings)
+    assert str(refused.value).startswith(f"model weights missing: {tmp_path / 'prompt'} has no config.json.")
+    assert "baked into prompt/ by the builder (families prompt, PROMPT_MODEL)" in str(refused.value)

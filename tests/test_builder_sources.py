@@ -16,7 +16,7 @@ import pytest
 from builder import download_models as dm
 from builder.build import BuildOptions, build
 from builder.errors import BuildError
-from builder.layout import SDXL_REPO, SDXL_VAE_REPO, WAN_T2V_REPO
+from builder.layout import PROMPT_REPO, SDXL_REPO, SDXL_VAE_REPO, WAN_T2V_REPO
 from builder.manifest import MANIFEST
 from builder.sources import CacheSource, HubSource, Snapshot, repo_folder
 from tests import fake_hub
@@ -88,8 +88,15 @@ def test_hub_source_retries_and_refetches_a_corrupt_download(
     calls: list[list[str]] = []
 
     def fake_snapshot_download(
-        repo: str, *, revision: str, allow_patterns: list[str], cache_dir: Path, token: Any
+        repo: str,
+        *,
+        revision: str,
+        allow_patterns: list[str],
+        cache_dir: Path,
+        token: Any,
+        etag_timeout: float,
     ):
+        assert etag_timeout == source.timeout_s  # a silent server does not hold the build forever
         calls.append(allow_patterns)
         if len(calls) == 1:
             raise httpx.ReadTimeout("read timed out")
@@ -154,5 +161,36 @@ def test_sources_include_runpod_cached_models(tmp_path: Path, monkeypatch: pytes
 def test_cli_rejects_unknown_families(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         dm.parse_args(["--families", "sdxl,flux"])
-    assert "families are a comma-separated subset of sdxl, wan" in capsys.readouterr().err
-    assert dm.parse_args(["--families", "all"]).families == ["sdxl", "wan"]
+    assert "families are a comma-separated subset of sdxl, wan, prompt" in capsys.readouterr().err
+    assert dm.parse_args(["--families", "all"]).families == ["sdxl", "wan", "prompt"]
+
+
+def test_a_hub_that_accepts_and_never_answers_fails_the_build_naming_the_repo(tmp_path: Path) -> None:
+    """Each request times out; the retries are bounded; the error names the repository."""
+    import socket
+    import time
+
+    from huggingface_hub import HfApi
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # connections are accepted by the kernel and never read
+    try:
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        source = HubSource(tmp_path / "dl", token=None, api=HfApi(endpoint=endpoint), timeout_s=0.5)
+        slept: list[float] = []
+        options = BuildOptions(
+            models_dir=tmp_path / "models", sources=[source], retries=3, sleep=slept.append
+        )
+        started = time.monotonic()
+        with pytest.raises(BuildError) as failed:
+            build(["prompt"], options)
+        elapsed = time.monotonic() - started
+    finally:
+        silent.close()
+    message = str(failed.value)
+    assert message.startswith(
+        f"{PROMPT_REPO}@main: no source could provide it: huggingface.co: gave up after 3 attempts"
+    )
+    assert "timed out" in message.lower() and len(slept) == 2
+    assert elapsed < 20  # 3 attempts of about 0.5 s each (the backoff sleeps are recorded, not slept)

@@ -288,7 +288,10 @@ def test_dockerfile_contract() -> None:
     assert users == ["${RUN_AS}"]  # non-root unless built otherwise
     runs = [value for kind, value in steps if kind == "RUN"]
     bakes = [run for run in runs if "download_models.py" in run]
-    assert len(bakes) == 2 and all("--mount=type=secret,id=hf_token" in run for run in bakes)
+    assert len(bakes) == 3 and all("--mount=type=secret,id=hf_token" in run for run in bakes)
+    assert (
+        args["PROMPT_MODEL"] == "Qwen/Qwen2.5-7B-Instruct" and '--prompt-model "${PROMPT_MODEL}"' in bakes[2]
+    )
     # the token never goes through ARG/ENV (which would land in the image's history)
     assert not [v for k, v in steps if k in ("ARG", "ENV") and "TOKEN" in v.upper()]
     # cache order: dependencies, then weights, then code

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from src.media.storage import S3Storage, build_storage
-from src.settings import StartupError
-from src.worker import Worker
+from src.settings import Settings, StartupError
+from src.worker import Worker, start_worker
 from tests.conftest import BUCKET, REPO, free_port, list_keys, tiny_settings
 from tests.test_harness import handler, job, s3_env, tiny_env, worker_env
 
@@ -212,3 +212,35 @@ def test_quick_start_example_payloads_are_valid_jobs() -> None:
     assert {p["input"]["type"] for p in payloads} == {"sdxl_image_fast", "video_fast"}
     for payload in payloads:
         job_input(payload["input"])
+
+
+def test_tiny_models_in_an_unwritable_models_dir_stop_the_start_with_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text(
+        ""
+    )  # nothing can be made below a file, whoever the user is (the image's: make image-test)
+    models = blocker / "models"
+    settings = Settings(
+        models_dir=models, model_profile="tiny", worker_models=["sdxl"], local_storage_dir=tmp_path
+    )
+    with pytest.raises(StartupError) as refused:
+        start_worker(settings)
+    message = str(refused.value)
+    assert message.startswith(
+        f"MODEL_PROFILE=tiny builds its models under MODELS_DIR/tiny, but {models}/tiny"
+    )
+    assert "set MODELS_DIR to a writable directory" in message and "\n" not in message
+
+
+def test_an_unwritable_compile_cache_dir_is_named_at_start(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a directory cannot be made below a file, whoever the user is
+    settings = Settings(compile_cache_dir=blocker / "cache", local_storage_dir=tmp_path)
+    problem = settings.compile_cache_problem()
+    assert problem is not None and problem.startswith(
+        f"COMPILE_CACHE_DIR={blocker / 'cache'} is not writable"
+    )
+    assert (
+        Settings(compile_cache_dir=tmp_path / "cache", local_storage_dir=tmp_path).compile_cache_problem()
+        is None
+    )

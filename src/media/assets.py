@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from src.media.images import encode_png, thumbnail_webp
+from src.media.images import ImageOutput, thumbnail_webp
 from src.media.storage import CONTENT_TYPES, Storage
 from src.media.video import encode_mp4
 
@@ -23,10 +23,11 @@ _STORE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="store")
 
 @dataclass(frozen=True)
 class GeneratedImage:
-    """One generated image and the family's metadata for it (steps, seed, ...)."""
+    """One generated image, the family's metadata for it (steps, seed, ...) and how it is stored."""
 
     image: Image.Image
     metadata: dict[str, Any] = field(default_factory=dict)
+    output: ImageOutput = field(default_factory=ImageOutput)
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,15 @@ def _put(storage: Storage, key: str, data: bytes, fmt: str) -> str:
 
 
 def store_image(storage: Storage, prefix: str, index: int, generated: GeneratedImage) -> dict[str, Any]:
-    """Store ``{index}.png`` and ``{index}.thumb.webp`` under ``prefix``; return the callback entry."""
-    png_bytes = _POOL.submit(encode_png, generated.image)
+    """Store ``{index}.png`` (or ``.webp``, ``.jpg``: the job's format) and ``{index}.thumb.webp`` under
+    ``prefix``; return the callback entry."""
+    output = generated.output
+    encoded = _POOL.submit(output.encode, generated.image)
     thumbnail_bytes = thumbnail_webp(generated.image)  # the small one: ready first
     thumbnail = _POOL.submit(_put, storage, f"{prefix}/{index}.thumb.webp", thumbnail_bytes, "webp")
     try:
-        png = png_bytes.result()
-        url = _put(storage, f"{prefix}/{index}.png", png, "png")
+        data = encoded.result()
+        url = _put(storage, f"{prefix}/{index}.{output.extension}", data, output.format)
     finally:
         wait([thumbnail])  # a failed job removes what it stored: nothing may land after that
     thumbnail_url = thumbnail.result()
@@ -70,9 +73,9 @@ def store_image(storage: Storage, prefix: str, index: int, generated: GeneratedI
         "metadata": {
             "width": width,
             "height": height,
-            "format": "png",
+            "format": output.format,
             **generated.metadata,
-            "file_size_bytes": len(png),
+            "file_size_bytes": len(data),
             "asset_index": index,
         },
     }
@@ -103,12 +106,14 @@ def store_video(storage: Storage, prefix: str, index: int, generated: GeneratedV
 
 
 def store_generation(
-    storage: Storage, user_id: str, job_id: str, generation: Generation
+    storage: Storage, user_id: str, job_id: str, generation: Generation, job_metadata: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """Store every asset of a job (assets in parallel); raises if any object cannot be stored."""
+    """Store every asset of a job (assets in parallel), each with ``job_metadata`` added to its metadata;
+    raises if any object cannot be stored."""
     prefix = f"{user_id}/{job_id}"
 
     def store(index: int, asset: GeneratedImage | GeneratedVideo) -> dict[str, Any]:
+        asset = replace(asset, metadata={**asset.metadata, **job_metadata})
         if isinstance(asset, GeneratedVideo):
             return store_video(storage, prefix, index, asset)
         return store_image(storage, prefix, index, asset)

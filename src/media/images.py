@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -12,6 +13,28 @@ from PIL import Image, ImageOps
 
 THUMBNAIL_EDGE = 256
 THUMBNAIL_QUALITY = 85
+EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}  # format -> storage key extension
+
+
+@dataclass(frozen=True)
+class ImageOutput:
+    """How a job's images are stored: ``format`` (``png``, ``webp``, ``jpeg``) and its quality."""
+
+    format: str = "png"
+    quality: int = 90  # webp and jpeg; PNG is lossless
+
+    @property
+    def extension(self) -> str:
+        return EXTENSIONS[self.format]
+
+    def encode(self, image: Image.Image) -> bytes:
+        """The image's file in this format."""
+        if self.format == "png":
+            return encode_png(image)
+        buffer = io.BytesIO()
+        options = {"method": 4} if self.format == "webp" else {"optimize": True}
+        image.convert("RGB").save(buffer, format=self.format.upper(), quality=self.quality, **options)
+        return buffer.getvalue()
 
 
 def size_for_aspect(

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from src.contract import one_line
 from src.settings import Settings, StartupError
 
-CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "mp4": "video/mp4"}
+CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg", "mp4": "video/mp4"}
 SKIP_CHECK = "STORAGE_CHECK=false skips this check"
 CHECK_TIMEOUT_S = 5.0  # the start-up check's connect and read timeouts (one attempt)
 

@@ -23,6 +23,8 @@ from src.sdxl.compiled_unet import CompiledUnet
 from src.sdxl.compiled_vae import CompiledVaeDecode
 from src.sdxl.graphed_encoders import GraphedTextEncoder
 from src.sdxl.plan import DEFAULTS, SIZE_BOUNDS, SdxlConfig, SdxlMetadata, SdxlPlan, plan_sdxl
+from src.sdxl.prompts import embed_prompts
+from src.sdxl.schedulers import scheduler_for
 from src.settings import Settings
 from src.timing import Phases
 
@@ -57,6 +59,9 @@ class SdxlFamily:
         self.limits = limits
         self.loras = loras
         self.merged = MergedLoras(text2img, LORA_COMPONENTS, "SDXL")  # img2img shares the models
+        self.scheduler_config = (
+            text2img.scheduler.config
+        )  # the model's own: every job's sampler starts from it
         self.fast_paths = fast_paths
         self.warm_up_size = warm_up_size
 
@@ -107,6 +112,9 @@ class SdxlFamily:
         """
         self.fast_paths.prepare(phases)
         width, height = self.warm_up_size
+        embed_prompts(
+            self.text2img, "a (warm:1.1) up", "warm-up", weighting=True, clip_skip=0
+        )  # Compel's first call
         with torch.inference_mode():
             image = self.text2img("warm-up", width=width, height=height, num_inference_steps=2).images[0]
             self.img2img("warm-up", image=image, strength=0.5, num_inference_steps=2)
@@ -133,10 +141,14 @@ class SdxlFamily:
             extra["denoise_strength"] = plan.denoise_strength
         if loras:
             extra["loras"] = [lora.metadata for lora in loras]
+        extra.update(
+            steps=plan.steps,
+            guidance_scale=plan.guidance_scale,
+            scheduler=plan.scheduler,
+            negative_prompt_used=plan.negative_prompt,
+        )
         assets = [
-            GeneratedImage(
-                image, {**extra, "steps": plan.steps, "guidance_scale": plan.guidance_scale, "seed": seed}
-            )
+            GeneratedImage(image, {**extra, "seed": seed}, plan.output)
             for image, seed in zip(images, plan.seeds, strict=True)
         ]
         return Generation(assets, reference_mode="none" if reference is None else "single")
@@ -149,12 +161,17 @@ class SdxlFamily:
         progress: Progress,
     ) -> list[Image.Image]:
         def on_step(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
-            progress.step(step + 1, plan.steps)
+            order = pipe.scheduler.order  # a second-order sampler (heun) calls back twice per step
+            progress.step(min(plan.steps, -(-(step + 1) // order)), plan.steps)
             return tensors
 
+        pipe = self.text2img if reference is None else self.img2img
+        pipe.scheduler = scheduler_for(plan.scheduler, self.scheduler_config)  # a fresh one every job
+        prompts = embed_prompts(
+            pipe, plan.prompt, plan.negative_prompt, weighting=plan.prompt_weighting, clip_skip=plan.clip_skip
+        )
         common: dict[str, Any] = {
-            "prompt": plan.prompt,
-            "negative_prompt": plan.negative_prompt,
+            **prompts.as_kwargs(),
             "num_images_per_prompt": len(plan.seeds),
             "generator": [torch.Generator("cpu").manual_seed(seed) for seed in plan.seeds],
             "guidance_scale": plan.guidance_scale,
@@ -165,8 +182,7 @@ class SdxlFamily:
         with torch.inference_mode():
             if reference is None:
                 width, height = size
-                output = self.text2img(width=width, height=height, **common)
+                output = pipe(width=width, height=height, **common)
             else:
-                image = fit_cover(reference, size)
-                output = self.img2img(image=image, strength=plan.denoise_strength, **common)
+                output = pipe(image=fit_cover(reference, size), strength=plan.denoise_strength, **common)
             return [Image.fromarray(pixels) for pixels in to_uint8(output.images)]

@@ -14,13 +14,11 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from src.fast_path import Route, UnavailableError, relative_error, route
+from src.fast_path import Route, UnavailableError, check_graph_replay, relative_error, route
 from src.sdxl import TEXT_TOKENS
 from src.timing import Phases
 
 log = logging.getLogger(__name__)
-
-MAX_RELATIVE_ERROR = 1e-3  # replay vs eager on the same ids: the same kernels, so ~0
 
 
 class GraphedTextEncoder:
@@ -64,11 +62,7 @@ class GraphedTextEncoder:
                 error = relative_error(self.output, expected)
         except Exception as err:  # a speed path: the eager encoder serves without it
             raise UnavailableError(f"not captured in a CUDA graph ({type(err).__name__}: {err})") from None
-        if error > MAX_RELATIVE_ERROR:  # infinite when not finite
-            raise UnavailableError(
-                f"the CUDA graph's replay disagrees with eager (relative error {error:.3g})"
-            )
-        log.info("%s: CUDA graph replay vs eager: relative error %.3g", self.name, error)
+        check_graph_replay(self.name, error)
         return graph
 
     def serves(self, input_ids: Any = None, *args: Any, **kwargs: Any) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -23,6 +24,9 @@ from src.contract import (
     resolve_denoise,
     resolve_size,
 )
+from src.media.images import ImageOutput
+from src.sdxl.schedulers import DEFAULT as DEFAULT_SCHEDULER
+from src.sdxl.schedulers import SCHEDULERS
 
 DEFAULTS = {  # job type -> (steps, guidance_scale)
     "sdxl_image_fast": (15, 6.0),
@@ -37,9 +41,23 @@ TRAIN_TIMESTEPS = 1000
 
 
 class SdxlConfig(GenerationConfig):
-    """SDXL ``config``: the shared keys plus ``num_images`` and ``exact_copy_mode``."""
+    """SDXL ``config``: the shared keys plus images, sampler, prompt controls and ``exact_copy_mode``."""
 
     num_images: int = Field(1, ge=1, le=8, description="Images to generate, 1-8; image i uses seed + i.")
+    scheduler: Literal[tuple(SCHEDULERS)] = Field(  # type: ignore[valid-type]
+        DEFAULT_SCHEDULER,
+        description="The sampler, by its A1111 name: "
+        + ", ".join(SCHEDULERS)
+        + ". Default euler (SDXL's own).",
+    )
+    clip_skip: int = Field(
+        0, ge=0, le=2, description="Text encoder layers to skip from the end, 0-2 (diffusers' clip_skip)."
+    )
+    prompt_weighting: bool = Field(
+        True,
+        description="Read (word:1.3), word+, word- and (a b)++ as weights (Compel). Off: the prompts are "
+        "read literally, parentheses included. Either way prompts past 77 tokens are embedded in chunks.",
+    )
     exact_copy_mode: bool | None = Field(
         None, description="Promptless copy of the reference (metadata.exact_copy_mode wins)."
     )
@@ -69,6 +87,10 @@ class SdxlPlan:
     denoise_strength: float | None = None
     exact_copy: bool = False
     loras: list[LoraSpec] = field(default_factory=list)
+    scheduler: str = DEFAULT_SCHEDULER
+    clip_skip: int = 0
+    prompt_weighting: bool = True
+    output: ImageOutput = field(default_factory=ImageOutput)
 
     @property
     def schedule_steps(self) -> int:
@@ -112,7 +134,7 @@ def plan_sdxl(request: JobRequest) -> SdxlPlan:
             seeds=seeds,
             steps=config.num_inference_steps or default_steps,
             guidance_scale=_or(config.guidance_scale, default_guidance),
-            loras=config.loras,
+            **_controls(config),
         )
 
     denoise = resolve_denoise(metadata, config, DEFAULT_DENOISE)
@@ -138,8 +160,19 @@ def plan_sdxl(request: JobRequest) -> SdxlPlan:
         reference_url=reference_url,
         denoise_strength=denoise,
         exact_copy=exact_copy,
-        loras=config.loras,
+        **_controls(config),
     )
+
+
+def _controls(config: SdxlConfig) -> dict[str, Any]:
+    """The plan's fields that come straight from ``config``."""
+    return {
+        "loras": config.loras,
+        "scheduler": config.scheduler,
+        "clip_skip": config.clip_skip,
+        "prompt_weighting": config.prompt_weighting,
+        "output": ImageOutput(config.output_format, config.output_quality),
+    }
 
 
 def _or(value: float | None, default: float) -> float:

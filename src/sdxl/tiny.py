@@ -38,7 +38,7 @@ def _text_config(tokenizer: CLIPTokenizer, hidden_size: int) -> CLIPTextConfig:
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
+        num_hidden_layers=3,  # clip skip 2 reads hidden_states[-4]: three layers are the least that has it
         num_attention_heads=2,
         max_position_embeddings=TEXT_TOKENS,
         projection_dim=PROJECTION_DIM,

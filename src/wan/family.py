@@ -34,7 +34,17 @@ from src.settings import Settings
 from src.timing import Phases
 from src.wan.compiled_blocks import block_kinds
 from src.wan.conditioning import vace_inputs
-from src.wan.plan import DEFAULTS, FPS, MAX_FRAMES, TURBO, WanConfig, WanMetadata, WanPlan, plan_wan
+from src.wan.plan import (
+    DEFAULTS,
+    FPS,
+    MAX_FRAMES,
+    TEXT_TOKENS,
+    TURBO,
+    WanConfig,
+    WanMetadata,
+    WanPlan,
+    plan_wan,
+)
 from src.wan.turbo import DmdScheduler
 
 log = logging.getLogger(__name__)
@@ -187,8 +197,9 @@ class WanFamily:
             metadata["denoise_strength"] = plan.denoise_strength
         if loras:
             metadata["loras"] = [lora.metadata for lora in loras]
-        if plan.model == "turbo" and plan.negative_prompt:
+        if plan.negative_prompt_ignored:
             metadata["negative_prompt_ignored"] = True
+        metadata["negative_prompt_used"] = plan.negative_prompt
         if plan.is_video:
             metadata.update(steps=plan.steps, generation_seed=plan.seed, seed=plan.seed)
             asset: GeneratedImage | GeneratedVideo = GeneratedVideo(frames, FPS, metadata)
@@ -199,7 +210,7 @@ class WanFamily:
                 seed=plan.seed,
                 generation_seed=plan.seed,
             )
-            asset = GeneratedImage(Image.fromarray(frames[0]), metadata)
+            asset = GeneratedImage(Image.fromarray(frames[0]), metadata, plan.output)
         return Generation([asset], reference_mode=plan.reference_mode)
 
     def _run(
@@ -214,6 +225,11 @@ class WanFamily:
             return tensors
 
         width, height = plan.size
+        tokens = len(pipe.tokenizer(plan.prompt).input_ids)
+        if tokens > TEXT_TOKENS:
+            log.warning(
+                "the prompt has %d tokens; UMT5 reads the first %d, the rest is cut", tokens, TEXT_TOKENS
+            )
         generator = torch.Generator("cpu").manual_seed(plan.seed)
         if plan.model == "turbo":
             pipe.scheduler.generator = generator  # DMD re-noises each step from the job's generator
@@ -225,7 +241,7 @@ class WanFamily:
         with torch.inference_mode():
             output = pipe(
                 prompt=plan.prompt,
-                negative_prompt=None if plan.model == "turbo" else plan.negative_prompt,
+                negative_prompt=plan.negative_prompt,
                 width=width,
                 height=height,
                 num_frames=plan.num_frames,

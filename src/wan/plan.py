@@ -24,9 +24,18 @@ from src.contract import (
     resolve_denoise,
     resolve_size,
 )
+from src.media.images import ImageOutput
 from src.wan.turbo import STEPS as TURBO_STEPS
 
 TURBO = "video_turbo"  # FastWan 2.1 T2V 1.3B (src/wan/turbo.py)
+# The Wan team's default negative prompt, used when a job sends none (their reference code's
+# ``wan_shared_cfg.sample_neg_prompt``, wan/configs/shared_config.py in Wan-Video/Wan2.1).
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+TEXT_TOKENS = 512  # what UMT5 reads of a prompt; the rest is cut
 DEFAULTS = {  # job type -> (steps, guidance_scale, produces a video)
     "video_fast": (25, 6.5, True),
     "video_high": (50, 7.5, True),
@@ -99,7 +108,7 @@ class WanPlan:
     model: str  # "t2v", "vace" or "turbo": which transformer runs it
     is_video: bool
     prompt: str
-    negative_prompt: str | None
+    negative_prompt: str | None  # the one used: the job's, the Wan default, or none (turbo)
     size: tuple[int, int]
     num_frames: int
     seed: int
@@ -109,6 +118,8 @@ class WanPlan:
     references: dict[str, Reference] = field(default_factory=dict)
     denoise_strength: float | None = None
     loras: list[LoraSpec] = field(default_factory=list)
+    negative_prompt_ignored: bool = False  # turbo: the job sent one, and it was not used
+    output: ImageOutput = field(default_factory=ImageOutput)
 
     @property
     def conditioning_scale(self) -> float:
@@ -203,13 +214,17 @@ def plan_wan(request: JobRequest) -> WanPlan:
     references = _references(config, metadata)
     if request.type == TURBO:
         _check_turbo(config, references)
+    if is_video and "output_format" in request.config:
+        raise JobError("config.output_format", "videos are stored as MP4; output_format is for image jobs")
+    negative = (request.negative_prompt or "").strip() or DEFAULT_NEGATIVE_PROMPT
     mode = _reference_mode(references, is_video)
     denoise = resolve_denoise(metadata, config, DEFAULT_DENOISE) if references else None
     return WanPlan(
         model="turbo" if request.type == TURBO else ("vace" if references else "t2v"),
         is_video=is_video,
         prompt=prompt,
-        negative_prompt=request.negative_prompt,
+        negative_prompt=None if request.type == TURBO else negative,
+        negative_prompt_ignored=request.type == TURBO and bool((request.negative_prompt or "").strip()),
         size=size,
         num_frames=num_frames,
         seed=pick_seed(config),
@@ -219,4 +234,5 @@ def plan_wan(request: JobRequest) -> WanPlan:
         references=references,
         denoise_strength=denoise,
         loras=config.loras,
+        output=ImageOutput(config.output_format, config.output_quality),
     )

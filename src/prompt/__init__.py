@@ -1,0 +1,1 @@
+"""Prompt enhancement: a local instruct LLM rewrites a job's prompt before it is generated."""

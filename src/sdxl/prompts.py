@@ -1,0 +1,131 @@
+r"""SDXL prompt embeddings through Compel: weighting, prompts past CLIP's 77 tokens (embedded in
+77-token chunks, not cut), and clip skip.
+
+Weighting reads A1111's syntax, which platforms' users write, and Compel's own: ``(word:1.3)``,
+``(word)`` (1.1), ``[word]`` (1/1.1), nested brackets multiplying, ``word+`` / ``word-`` (1.1 /
+0.9 each), ``(a b)++``. A1111's forms are rewritten into Compel's (``(word)1.3``) before Compel
+parses the prompt; ``\(`` and ``\)`` stay literal.
+
+Compel (``CompelForSDXL``: both text encoders, the pooled embedding of the second) calls each
+encoder through ``_Encoder``, which answers with the pipeline's own call, ``(1, 77)`` ids with
+hidden states, so the CUDA-graphed text encoders serve every chunk; a chunk with masked (down-
+weighted) tokens runs the eager encoder. Clip skip drops the last hidden states before Compel takes
+the penultimate one: ``hidden_states[-(clip_skip + 2)]``, as diffusers' ``clip_skip`` does. With
+weighting off, Compel's syntax characters are escaped: the prompt is read literally, still in
+chunks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from compel import CompelForSDXL
+
+_SYNTAX = re.compile(r"([()\[\]:+\-\\])")  # what Compel's parser reads as weighting
+_ESCAPED = re.compile(r"\\[()\[\]]")
+_WEIGHTED = re.compile(r"\(([^()\[\]]*?):\s*([0-9]*\.?[0-9]+)\s*\)")  # (text:1.3)
+_EMPHASIS = re.compile(r"\(([^()\[\]:]*)\)(?![0-9.+\-])")  # (text): A1111's 1.1, not Compel's (a b)++
+_DEEMPHASIS = re.compile(r"\[([^()\[\]]*)\]")  # [text]: A1111's 1/1.1
+_ATOM = re.compile(r"\x00(\d+)\x00")
+
+
+def compel_syntax(prompt: str) -> str:
+    """``prompt`` with A1111's weighting forms rewritten into Compel's, innermost first."""
+    atoms: list[str] = []
+
+    def keep(text: str) -> str:
+        atoms.append(text)
+        return f"\x00{len(atoms) - 1}\x00"
+
+    prompt = _ESCAPED.sub(lambda m: keep(m.group(0)), prompt)
+    while True:
+        rewritten = _WEIGHTED.sub(lambda m: keep(f"({m.group(1)}){m.group(2)}"), prompt)
+        rewritten = _EMPHASIS.sub(lambda m: keep(f"({m.group(1)})1.1"), rewritten)
+        rewritten = _DEEMPHASIS.sub(lambda m: keep(f"({m.group(1)})0.9091"), rewritten)
+        if rewritten == prompt:
+            break
+        prompt = rewritten
+    while _ATOM.search(prompt):
+        prompt = _ATOM.sub(lambda m: atoms[int(m.group(1))], prompt)
+    return prompt
+
+
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    """The pipeline's ``prompt_embeds`` keyword arguments for one job."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    negative: torch.Tensor | None
+    negative_pooled: torch.Tensor | None
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """No ``negative_*`` without a negative prompt: SDXL then uses zeros, as diffusers does."""
+        kwargs = {"prompt_embeds": self.embeds, "pooled_prompt_embeds": self.pooled}
+        if self.negative is not None:
+            kwargs.update(
+                negative_prompt_embeds=self.negative, negative_pooled_prompt_embeds=self.negative_pooled
+            )
+        return kwargs
+
+
+class _Encoder:
+    """A text encoder as Compel calls it, answered by the pipeline's own call (see the module)."""
+
+    def __init__(self, encoder: torch.nn.Module, clip_skip: int) -> None:
+        self.encoder = encoder
+        self.clip_skip = clip_skip
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.dtype
+
+    def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> Any:
+        ids = ids.long()  # Compel makes some ids int32; the pipelines' call (and its graph) takes int64
+        if attention_mask is None or bool(attention_mask.all()):
+            output = self.encoder(ids, output_hidden_states=True)
+        else:
+            output = self.encoder(ids, attention_mask=attention_mask, output_hidden_states=True)
+        if self.clip_skip:
+            output.hidden_states = output.hidden_states[: -self.clip_skip]
+        return output
+
+
+@dataclass
+class _Pipe:
+    """What ``CompelForSDXL`` reads of a pipeline."""
+
+    tokenizer: Any
+    text_encoder: _Encoder
+    tokenizer_2: Any
+    text_encoder_2: _Encoder
+
+
+def embed_prompts(
+    pipe: Any, prompt: str, negative_prompt: str | None, *, weighting: bool, clip_skip: int
+) -> PromptEmbeddings:
+    """Both prompts' embeddings, chunked past 77 tokens, weighted unless ``weighting`` is off."""
+    rewrite = compel_syntax if weighting else (lambda text: _SYNTAX.sub(r"\\\1", text))
+    prompt = rewrite(prompt)
+    negative_prompt = None if negative_prompt is None else rewrite(negative_prompt)
+    shim = _Pipe(
+        pipe.tokenizer,
+        _Encoder(pipe.text_encoder, clip_skip),
+        pipe.tokenizer_2,
+        _Encoder(pipe.text_encoder_2, clip_skip),
+    )
+    compel = CompelForSDXL(
+        shim, device=pipe.text_encoder.device
+    )  # per job: its empty-prompt cache follows LoRAs
+    with torch.inference_mode():
+        result = compel(prompt, negative_prompt=negative_prompt)
+    return PromptEmbeddings(
+        result.embeds, result.pooled_embeds, result.negative_embeds, result.negative_pooled_embeds
+    )
