@@ -204,6 +204,12 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         )
     if cached.get("startup"):
         summary["cold_start_s"] = cached["startup"]["process_to_ready_s"]
+    background = results.get("background", {})
+    if background.get("startup"):
+        summary["cold_start_no_cache_ready_s"] = background["startup"]["process_to_ready_s"]
+        for key in ("background_compile_s", "jobs_during_compile_slowdown", "child_peak_gib"):
+            if key in background["background"]:
+                summary[key] = background["background"][key]
     peaks = [r["peak_gib"] for r in rows if "peak_gib" in r]
     if peaks:
         summary["peak_gpu_gib_both"] = max(peaks)

@@ -16,6 +16,8 @@ own process and writes ``results.json`` plus a table:
   inductor directory, as on a new machine): cold start, then one SDXL job.
 - jobs are the names in bench/figures.py, and ``enhance_256``: prompt enhancement's LLM against plain
   ``generate`` (``WORKER_MODELS`` with ``prompt``, ``--build ...,prompt``).
+- ``background``: like ``worker`` with ``COMPILE=auto``: ready before the packages, which compile
+  in the background while the first job runs again and again (bench/background.py).
 - ``profile``: like ``cached``, then each job once under ``bench/gpu_profile.py`` (where its GPU time
   goes); Wan jobs run ``--profile-steps`` steps.
 
@@ -190,12 +192,17 @@ def phase_plain(models: Path, out: dict[str, Any], only: set[str]) -> None:
 
 # ---------------------------------------------------------------- phase: the worker
 def phase_worker(
-    out: dict[str, Any], jobs: list[str], repeats: int, profile_steps: int | None = None
+    out: dict[str, Any],
+    jobs: list[str],
+    repeats: int,
+    profile_steps: int | None = None,
+    while_compiling: bool = False,
 ) -> None:
     """Start the worker (settings from the environment), then time each job through handle().
 
     With ``profile_steps``, Wan jobs run that many steps, every job runs once, then once more
-    under the profiler.
+    under the profiler. ``while_compiling`` (the ``background`` phase): the first job runs while
+    the packages compile in the background (bench/background.py), instead.
     """
     spawned = float(os.environ["BENCH_SPAWNED_AT"])
     import torch
@@ -215,6 +222,11 @@ def phase_worker(
     out["resident_gib"] = _gib(torch.cuda.memory_allocated())
     out["reserved_gib"] = _gib(torch.cuda.memory_reserved())
     print(f"worker ready: {out['startup']}", flush=True)
+    if while_compiling:
+        from bench.background import jobs_while_compiling
+
+        jobs_while_compiling(worker, payload(jobs[0], None), out)
+        return
 
     bench_loras(worker, worker.settings.loras_path, jobs)
     if f"enhance_{ENHANCE_TOKENS}" in jobs:
@@ -307,7 +319,8 @@ def _child(args: argparse.Namespace) -> None:
         if args.child == "plain":
             phase_plain(args.models, out, set(jobs))
         else:
-            phase_worker(out, jobs, args.repeats, args.profile_steps if args.child == "profile" else None)
+            profile = args.profile_steps if args.child == "profile" else None
+            phase_worker(out, jobs, args.repeats, profile, while_compiling=args.child == "background")
     finally:
         import torch
 
@@ -358,8 +371,10 @@ def main() -> None:
         env["TRITON_CACHE_DIR"] = env["TORCHINDUCTOR_CACHE_DIR"] + "/triton"
         if phase == "eager":
             env["COMPILE"] = "off"
+        if phase == "worker":  # compiles every package before it is ready (the first start's cost)
+            env.setdefault("COMPILE", "wait")
         phase_jobs = args.cached_jobs.split(",") if phase in ("cached", "profile") else jobs
-        if phase == "worker":
+        if phase in ("worker", "background"):  # an empty cache: a new machine
             import shutil
 
             shutil.rmtree(worker_env["COMPILE_CACHE_DIR"], ignore_errors=True)

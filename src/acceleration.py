@@ -1,7 +1,8 @@
 """GPU speed paths: the CUDA allocator, the attention backend, whether to compile.
 
-Compiling happens only at start-up, ahead of time (AOTInductor packages: ``src/aot_package.py``),
-never on a request; everything here is a no-op on CPU unless explicitly turned on (``COMPILE=on``).
+Compiling happens ahead of time (AOTInductor packages: ``src/aot_package.py``), at start-up or in a
+child process (``src/background.py``), never on a request; everything here is a no-op on CPU
+unless explicitly turned on (``COMPILE=on``, ``wait`` or ``background``).
 """
 
 from __future__ import annotations
@@ -39,10 +40,16 @@ def configure_cuda_allocator() -> None:
 
 
 def compile_enabled(settings: Settings, device: str) -> bool:
-    """``COMPILE``: ``auto`` compiles on CUDA only; ``on`` / ``off`` force it."""
+    """``COMPILE``: ``auto`` compiles on CUDA only; ``off`` never; the others on any device."""
     if settings.compile == "auto":
         return device.startswith("cuda")
-    return settings.compile == "on"
+    return settings.compile != "off"
+
+
+def compile_in_background(settings: Settings, device: str) -> bool:
+    """True when a missing package is compiled by a child process while the worker serves eagerly
+    (``COMPILE=background``, or ``auto`` on CUDA), not before the worker is ready."""
+    return settings.compile == "background" or (settings.compile == "auto" and device.startswith("cuda"))
 
 
 def required_settings(settings: Settings) -> frozenset[str]:

@@ -11,6 +11,9 @@
   package that disagrees or does not load (a stale or corrupt file) is compiled again. A package
   that agreed gets a record beside it (``src/compile_cache.py``): later starts load a file with
   that digest without checking it again.
+- One worker compiles a package at a time (``src/compile_lock.py``); the others wait for it. With
+  ``compile_missing`` off, a missing package is not compiled here: ``PackageMissingError`` (the
+  background compiler's child compiles it: ``src/background.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from src.compile_cache import CacheEntry
-from src.fast_path import UnavailableError, relative_error
+from src.compile_lock import PackageLock
+from src.fast_path import PackageMissingError, UnavailableError, relative_error
 from src.timing import Phases
 
 log = logging.getLogger(__name__)
@@ -104,7 +108,8 @@ class AotPackage:
     ``example(size)`` gives random inputs of the served shapes, ``dim`` at ``size``;
     ``dynamic_shapes(dim)`` marks where ``dim`` is in them (``torch.export``'s ``dynamic_shapes``).
     ``identity`` (``compile_cache.package_identity``) names the file, with the compiler settings:
-    INDUCTOR_CONFIGS and ``inductor``, settings for this package only.
+    INDUCTOR_CONFIGS and ``inductor``, settings for this package only. ``compile_missing``: compile
+    a missing or unusable package in ``prepare`` (else raise PackageMissingError).
     """
 
     def __init__(
@@ -118,6 +123,7 @@ class AotPackage:
         cache_dir: Path,
         device: torch.device,
         inductor: dict[str, Any] | None = None,
+        compile_missing: bool = True,
     ) -> None:
         self.name = name
         self.module = module
@@ -131,25 +137,46 @@ class AotPackage:
         if self.inductor:
             identity["inductor_extra"] = self.inductor
         self.cache = CacheEntry(cache_dir, name, identity)
+        self.compile_missing = compile_missing
         self.runner: Any = None
 
     def prepare(self, phases: Phases, prefix: str) -> None:
         """Load the package (or compile and save it) and check it (once per file): then ``runner``
         serves.
 
-        Times ``{prefix}_compile``, ``_load`` and ``_check`` (no ``_check`` for a file checked
-        before). Raises UnavailableError, with the reason, when no usable package results.
+        Times ``{prefix}_compile``, ``_wait`` (for another worker's compile), ``_load`` and
+        ``_check`` (no ``_check`` for a file checked before). Raises PackageMissingError when no usable
+        package is there and ``compile_missing`` is off, UnavailableError (with the reason) when
+        none results.
         """
+        problem = self._load_checked(phases, prefix) if self.cache.path.is_file() else "no package yet"
+        if problem is None:
+            return
+        if not self.compile_missing:
+            raise PackageMissingError(f"{self.name}: {problem}", self.cache)
         try:
-            if self.cache.path.is_file() and self._load_checked(phases, prefix) is None:
-                return
-            with phases.phase(f"{prefix}_compile"):
-                self._compile()
-            problem = self._load_checked(phases, prefix)
+            problem = self._compile_once(phases, prefix)
         except Exception as err:  # compiling is an optimisation: the caller decides what a failure means
             problem = f"not compiled ({type(err).__name__}: {err})"
         if problem is not None:
             raise UnavailableError(f"{self.name}: {problem}")
+
+    def _compile_once(self, phases: Phases, prefix: str) -> str | None:
+        """Compile and save the package, or wait for the worker that holds its lock and load theirs;
+        then load and check it. What is wrong with it, or None when it serves."""
+        lock = PackageLock(self.cache.lock_path)
+        while not lock.try_acquire():
+            log.info("%s: another worker is compiling it (%s): waiting", self.name, lock.path)
+            with phases.phase(f"{prefix}_wait"):
+                lock.wait()
+            if self.cache.path.is_file() and self._load_checked(phases, prefix) is None:
+                return None
+        try:  # held until the package is checked: a worker that waited trusts its record
+            with phases.phase(f"{prefix}_compile"):
+                self._compile()
+            return self._load_checked(phases, prefix)
+        finally:
+            lock.release()
 
     def run(self, inputs: Inputs, label: str) -> Any:
         """The package on ``inputs``; on the GPU, a failure is reported as the device's.

@@ -1,8 +1,12 @@
-"""Where a compiled package lives in COMPILE_CACHE_DIR, what names it, and the record of its check.
+"""Where a compiled package lives in COMPILE_CACHE_DIR, what names it, and the records beside it.
 
 A package's file name carries a digest of its identity (versions, GPU, settings, the model's
-configuration and shapes): a package is reused only by the same combination. Beside it, a
-``.checked.json`` record holds the SHA-256 of a file that agreed with the eager call.
+configuration and shapes): a package is reused only by the same combination. Beside it:
+
+- ``.checked.json``: the SHA-256 of a file that agreed with the eager call;
+- ``.lock``: held while a worker compiles it (``src/compile_lock.py``);
+- ``.attempts.json``: background compiles started per machine, so that one that keeps failing
+  (a crash, out of memory, a package that disagrees) is not retried on every start.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +38,14 @@ def package_identity(fmt: int, device: torch.device, **specific: Any) -> dict[st
 
 
 class CacheEntry:
-    """A package's file and its check record in the cache directory."""
+    """A package's file and the records beside it in the cache directory."""
 
     def __init__(self, cache_dir: Path, name: str, identity: dict[str, Any]) -> None:
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.path = cache_dir / f"{name}-{digest}.pt2"
         self.record_path = cache_dir / f"{name}-{digest}.checked.json"
+        self.lock_path = cache_dir / f"{name}-{digest}.lock"
+        self.attempts_path = cache_dir / f"{name}-{digest}.attempts.json"
 
     def sha256(self) -> str:
         """The package file's SHA-256."""
@@ -53,13 +60,40 @@ class CacheEntry:
             return False
 
     def write_record(self, digest: str, limit: float, errors: dict[str, float]) -> None:
-        """Record that this file agreed (written atomically). A cache directory that cannot be
-        written only means that the next start checks again."""
+        """Record that this file agreed. A cache directory that cannot be written only means that
+        the next start checks again."""
         record = {"package_sha256": digest, "max_relative_error": limit, "errors": errors}
-        tmp = self.record_path.with_name(f".{self.record_path.name}.{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(record, indent=2))
-            os.replace(tmp, self.record_path)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            log.warning("%s: no record written (%s): the next start checks again", self.path.name, err)
+        if not _write_json(self.record_path, record):
+            log.warning("%s: no record written: the next start checks again", self.path.name)
+
+    def attempts(self) -> int:
+        """Background compiles of this package started on this machine."""
+        return _read_json(self.attempts_path).get(socket.gethostname(), 0)
+
+    def count_attempt(self) -> None:
+        """Count one more background compile started on this machine (best effort)."""
+        attempts = _read_json(self.attempts_path)
+        attempts[socket.gethostname()] = attempts.get(socket.gethostname(), 0) + 1
+        _write_json(self.attempts_path, attempts)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> bool:
+    """Write ``value`` to ``path`` atomically; False when the directory cannot be written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(value, indent=2))
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        log.debug("%s not written: %s", path, err)
+        return False
+    return True

@@ -80,18 +80,21 @@ def load_families(settings: Settings) -> tuple[list[Family], dict[str, Any]]:
     """Load and warm every family named in WORKER_MODELS, once, at start-up.
 
     Returns the families and the start-up record: seconds per phase (``load_<family>_s``,
-    ``warm_up_<family>_<phase>_s``, ...) and ``fast_paths``, what each fast path does
-    (``serving``, or ``eager: <why>``). With COMPILE on, the warm-ups load the compiled packages
-    (compiling them the first time).
+    ``warm_up_<family>_<phase>_s``, ...), ``fast_paths``, what each fast path does (``serving``,
+    or ``eager: <why>``), and ``resident_gib``, each family's GPU memory. With COMPILE on, the
+    warm-ups load the compiled packages (``wait``/``on``: compiling the missing ones first).
     """
     check_names(settings.worker_models)  # before any model loads
     phases = Phases()
     families: list[Family] = []
+    resident_gib: dict[str, float] = {}
     for name in settings.worker_models:
         with phases.phase(f"load_{name}"):
             with phases.phase(f"load_{name}_imports"):  # the first import of diffusers and transformers
                 cls = family_class(name)
+            before = _gpu_bytes()
             families.append(cls.load(settings))
+            resident_gib[name] = round((_gpu_bytes() - before) / 2**30, 2)
     fast_paths: dict[str, str] = {}
     for family in families:
         warm_up = Phases()
@@ -107,4 +110,11 @@ def load_families(settings: Settings) -> tuple[list[Family], dict[str, Any]]:
             ", ".join(f"{path} {status}" for path, status in family.fast_paths.status.items()) or "none",
         )
     record: dict[str, Any] = {f"{phase}_s": seconds for phase, seconds in phases.seconds.items()}
-    return families, {**record, "fast_paths": fast_paths}
+    return families, {**record, "fast_paths": fast_paths, "resident_gib": resident_gib}
+
+
+def _gpu_bytes() -> int:
+    """GPU memory allocated by PyTorch (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0

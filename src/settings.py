@@ -120,14 +120,25 @@ class Settings(BaseSettings):
         20.0, gt=0, description="Largest size of LORA_CACHE_DIR in GB; least recently used files go first."
     )
 
-    compile: Literal["auto", "on", "off"] = Field(
+    compile: Literal["auto", "background", "wait", "on", "off"] = Field(
         "auto",
         description="Run AOT-compiled code (AOTInductor packages): the Wan transformer blocks at every video "
-        "size, and the SDXL UNet and VAE decode with COMPILE_SDXL. `auto`: on CUDA only, and a package "
-        "that cannot serve leaves that model eager (said in the start-up log); `on`: the worker refuses to "
-        "start if a package cannot serve; `off`: eager. The first start compiles the packages into "
-        "COMPILE_CACHE_DIR and checks each against the eager model; later starts load them. Jobs never "
-        "compile: what a package does not cover runs eagerly. Timings: docs/PERFORMANCE.md.",
+        "size, and the SDXL UNet and VAE decode with COMPILE_SDXL. Packages are compiled once into "
+        "COMPILE_CACHE_DIR, checked against the eager model, and loaded by later starts. `auto`: on CUDA "
+        "only, as `background`; `background`: a missing package does not hold the start: the worker is "
+        "ready and serves eagerly at once while a child process compiles it, then switches to it between "
+        "jobs (each asset's `compiled` says which served it); `wait`: missing packages are compiled "
+        "before the worker is ready; `on`: as `wait`, and the worker refuses to start if a package "
+        "cannot serve; `off`: eager. Jobs never compile: what a package does not cover runs eagerly. "
+        "Timings: docs/PERFORMANCE.md.",
+    )
+    compile_retries: int = Field(
+        1,
+        ge=0,
+        le=5,
+        description="Background compiles of a package that failed (the child crashed, ran out of memory, "
+        "was killed, or its package disagreed with the eager model) retried on later starts, per "
+        "package and machine (counted in COMPILE_CACHE_DIR); after that the package stays eager there.",
     )
     compile_sdxl: bool = Field(
         True,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import threading
 from typing import Any
 
 from src.acceleration import configure_cuda_allocator
+from src.background import BackgroundCompiler
 from src.callback import completed, failed
 from src.contract import JobError, JobRequest, one_line, parse_request, unknown_keys
 from src.families import Family, ModelFamily, all_job_types, load_families
@@ -25,7 +27,8 @@ log = logging.getLogger(__name__)
 class Worker:
     """Holds the loaded model families and the storage backend; runs one job at a time.
 
-    ``startup``: the start-up record (seconds per phase, what each fast path does).
+    ``startup``: the start-up record (seconds per phase, what each fast path does); ``job_lock``:
+    held during each job (packages compiled in the background are switched to between jobs).
     """
 
     def __init__(
@@ -43,9 +46,15 @@ class Worker:
         self._progress_sender = progress_sender
         self._by_type = {job_type: family for family in families for job_type in family.job_types}
         self._llm = next((family for family in families if family.name == "prompt"), None)
+        self.job_lock = threading.Lock()
+        self.background: BackgroundCompiler | None = None
 
     def handle(self, job: dict[str, Any]) -> dict[str, Any]:
         """Run one RunPod job and return the callback dict (or a failed one). Never raises."""
+        with self.job_lock:
+            return self._handle(job)
+
+    def _handle(self, job: dict[str, Any]) -> dict[str, Any]:
         job_id = _raw_job_id(job)
         job_log = JobLog(job_id, _raw_field(job, "type"))
         job_log.stage("received", prompt=preview(_raw_field(job, "prompt")))
@@ -65,9 +74,11 @@ class Worker:
                 enhancement = self._enhance(family, plan.prompt, job_log)
                 plan = dataclasses.replace(plan, prompt=enhancement.prompt)
             progress = Progress(job, self._progress_sender, self.settings.progress_interval_s)
+            compiled_before = family.fast_paths.compiled_calls()
             generation = family.generate(plan, progress)
+            compiled = family.fast_paths.compiled_calls() > compiled_before
             job_log.stage("generated", assets=len(generation.assets), mode=generation.reference_mode)
-            assets = self._store(request, generation, job_log, enhancement)
+            assets = self._store(request, generation, job_log, enhancement, compiled)
         except JobError as err:
             message = redact(str(err))
             job_log.stage("failed", logging.WARNING, error=message)
@@ -127,13 +138,24 @@ class Worker:
             raise JobError(err.field, f"{err.reason} ({'; '.join(map(str, unknown))})") from None
 
     def _store(
-        self, request: JobRequest, generation: Generation, job_log: JobLog, enhancement: Enhancement | None
+        self,
+        request: JobRequest,
+        generation: Generation,
+        job_log: JobLog,
+        enhancement: Enhancement | None,
+        compiled: bool,
     ) -> list[dict[str, Any]]:
-        """Store every asset, or none: a partly stored job removes what it stored."""
+        """Store every asset, or none: a partly stored job removes what it stored.
+
+        Each asset's metadata also says whether the prompt was enhanced and whether compiled
+        packages served the job (``compiled``)."""
         objects = JobObjects(self.storage)
-        enhanced = {"prompt_enhanced": enhancement is not None and enhancement.enhanced is not None}
+        job_metadata = {
+            "prompt_enhanced": enhancement is not None and enhancement.enhanced is not None,
+            "compiled": compiled,
+        }
         try:
-            assets = store_generation(objects, request.user_id, request.id, generation, enhanced)
+            assets = store_generation(objects, request.user_id, request.id, generation, job_metadata)
         except Exception as err:
             if not is_outage(err):  # a bug, not the service: its traceback helps
                 log.error("job %s: storing assets failed", request.id, exc_info=err)
@@ -195,4 +217,10 @@ def start_worker(settings: Settings) -> Worker:
     # (Compel's prompt parser leaves ~2 MB of them) promptly, in milliseconds.
     gc.collect()
     gc.freeze()
-    return Worker(settings, storage, families, runpod_sender(), startup)
+    worker = Worker(settings, storage, families, runpod_sender(), startup)
+    if any(family.fast_paths.missing for family in families):
+        worker.background = BackgroundCompiler(
+            settings, families, worker.job_lock, startup, startup["resident_gib"]
+        )
+        worker.background.start()
+    return worker

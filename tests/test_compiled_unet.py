@@ -241,17 +241,17 @@ def test_compile_on_refuses_to_start_when_a_package_cannot_serve(
     assert "the C++ compiler is missing" in message and "\n" not in message
 
 
-def test_compile_auto_serves_eagerly_and_says_so(
+def test_compile_wait_serves_eagerly_and_says_so(
     s3: Any, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(AotPackage, "_compile", lambda self: None)  # compiles nothing
-    monkeypatch.setattr("src.acceleration.compile_enabled", lambda settings, device: True)  # as on CUDA
-    worker = start_worker(tiny_settings(s3_endpoint, ["sdxl"], compile="auto", compile_cache_dir=tmp_path))
+    worker = start_worker(tiny_settings(s3_endpoint, ["sdxl"], compile="wait", compile_cache_dir=tmp_path))
     status = worker.startup["fast_paths"]
     assert set(status) == {"sdxl-unet", "sdxl-vae-decode"}
     assert all(value.startswith("eager: ") and "unusable" in value for value in status.values())
     (family,) = worker.families
     assert family.fast_paths.routes == [] and "forward" not in vars(family.text2img.unet)
+    assert worker.background is None  # nothing left to compile in the background
     job = {
         "type": "sdxl_image_fast",
         "prompt": "a boat",

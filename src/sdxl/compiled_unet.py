@@ -97,7 +97,13 @@ class CompiledUnet:
     name = "sdxl-unet"
     setting = "COMPILE"
 
-    def __init__(self, unet: UNet2DConditionModel, latent_size: tuple[int, int], cache_dir: Path) -> None:
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        latent_size: tuple[int, int],
+        cache_dir: Path,
+        compile_missing: bool = True,
+    ) -> None:
         self.unet = unet
         self.latent_size = latent_size
         self.exported = _Exported(unet)  # the call that is compiled, checked against, and named by constants
@@ -111,6 +117,7 @@ class CompiledUnet:
             cache_dir,
             unet.device,
             inductor=CHANNELS_LAST,
+            compile_missing=compile_missing,
         )
 
     def prepare(self, phases: Phases) -> list[Route]:

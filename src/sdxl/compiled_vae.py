@@ -44,7 +44,9 @@ class CompiledVaeDecode:
     name = "sdxl-vae-decode"
     setting = "COMPILE"
 
-    def __init__(self, vae: AutoencoderKL, latent_size: tuple[int, int], cache_dir: Path) -> None:
+    def __init__(
+        self, vae: AutoencoderKL, latent_size: tuple[int, int], cache_dir: Path, compile_missing: bool = True
+    ) -> None:
         self.vae = vae
         self.latent_size = latent_size
         device = vae.device
@@ -59,6 +61,7 @@ class CompiledVaeDecode:
             cache_dir,
             device,
             inductor=CHANNELS_LAST,
+            compile_missing=compile_missing,
         )
 
     def prepare(self, phases: Phases) -> list[Route]:

@@ -88,9 +88,10 @@ class SdxlFamily:
             scale = text2img.vae_scale_factor
             latent_size = (COMPILED_SIZE[1] // scale, COMPILED_SIZE[0] // scale)
             cache = settings.compile_cache_path
+            here = not acceleration.compile_in_background(settings, device)  # else a child compiles them
             candidates += [
-                CompiledUnet(text2img.unet, latent_size, cache),
-                CompiledVaeDecode(text2img.vae, latent_size, cache),
+                CompiledUnet(text2img.unet, latent_size, cache, compile_missing=here),
+                CompiledVaeDecode(text2img.vae, latent_size, cache, compile_missing=here),
             ]
             warm_up_size = COMPILED_SIZE
         if device.startswith("cuda") and settings.cuda_graphs:

@@ -99,14 +99,17 @@ class BlockKind:
         cache_dir: Path,
         tokens: tuple[int, int],
         attention: str | None,
+        compile_missing: bool = True,
     ) -> None:
-        """``tokens``: the size inductor tunes the kernels for, and the most a job may have."""
+        """``tokens``: the size inductor tunes the kernels for, and the most a job may have;
+        ``compile_missing``: compile a missing package when prepared (``AotPackage``)."""
         self.blocks = blocks
         self.config = config  # the transformer configuration the blocks' code depends on
         self.name = name
         self.cache_dir = cache_dir
         self.tuned_tokens, self.max_tokens = tokens
         self.attention = attention
+        self.compile_missing = compile_missing
         tensors = _tensors(blocks[0])
         self.names = list(tensors)
         self.signature = [(name, list(t.shape), str(t.dtype)) for name, t in tensors.items()]
@@ -209,6 +212,7 @@ class BlockKind:
             identity,
             self.cache_dir,
             self.device,
+            compile_missing=self.compile_missing,
         )
 
 
@@ -228,7 +232,11 @@ class _BlockRunner:
 
 
 def block_kinds(
-    transformers: Sequence[torch.nn.Module], cache_dir: Path, tokens: tuple[int, int], attention: str | None
+    transformers: Sequence[torch.nn.Module],
+    cache_dir: Path,
+    tokens: tuple[int, int],
+    attention: str | None,
+    compile_missing: bool = True,
 ) -> list[BlockKind]:
     """Every block of the Wan transformers, grouped into kinds (each kind's first block recording).
 
@@ -246,6 +254,14 @@ def block_kinds(
         name = f"wan-{type(blocks[0]).__name__}"
         taken = sum(kind.block_class == type(blocks[0]).__name__ for kind in kinds)
         kinds.append(
-            BlockKind(blocks, config, f"{name}-{taken + 1}" if taken else name, cache_dir, tokens, attention)
+            BlockKind(
+                blocks,
+                config,
+                f"{name}-{taken + 1}" if taken else name,
+                cache_dir,
+                tokens,
+                attention,
+                compile_missing,
+            )
         )
     return kinds

@@ -153,7 +153,8 @@ class WanFamily:
         kinds = []
         if acceleration.compile_enabled(settings, device):
             tokens = (video_tokens(text2video, *TUNED_FOR), video_tokens(text2video, *MAX_SIZE))
-            kinds = block_kinds(transformers, settings.compile_cache_path, tokens, attention)
+            here = not acceleration.compile_in_background(settings, device)  # else a child compiles them
+            kinds = block_kinds(transformers, settings.compile_cache_path, tokens, attention, here)
         fast_paths = FastPaths(kinds, acceleration.required_settings(settings))
         limits = FetchLimits.from_settings(settings)
         return cls(text2video, vace, turbo, limits, LoraFiles.from_settings(settings), fast_paths)
