@@ -63,7 +63,9 @@ if ! "$DOCKER" image inspect "$BASE" >/dev/null 2>&1 && ! timeout 300 "$DOCKER" 
   [ "$(id -u)" = 0 ] || fail "$BASE cannot be pulled, and building a stand-in needs root"
   say "no registry: building a TEST STAND-IN for $BASE with debootstrap (Debian bookworm, Python 3.11)"
   command -v debootstrap >/dev/null || apt-get install -y -q debootstrap >/dev/null || fail "could not install debootstrap"
-  mirror=$(grep -rhoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list /etc/apt/sources.list.d 2>/dev/null | head -1)
+  # The machine's own Debian mirror (a deb or URIs: line; comments and disabled files left out).
+  mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null \
+    | grep -E '^(URIs:|deb) ' | grep -oE 'https?://[^ ]+/debian/?( |$)' | head -1 | tr -d ' ' || true)
   root="$WORK/rootfs"
   debootstrap --variant=minbase --include=python3,python3-pip,python3-venv,ca-certificates bookworm "$root" \
     "${mirror:-http://deb.debian.org/debian}" >"$WORK/debootstrap.log" 2>&1 || fail "debootstrap: $(tail -3 "$WORK/debootstrap.log")"
