@@ -36,10 +36,8 @@ def jobs_while_compiling(worker: Any, job: dict[str, Any], out: dict[str, Any]) 
         during.append({"s": seconds, "compiled": compiled, "at_s": round(time.perf_counter() - ready, 1)})
     compiled_idle = [_run(worker, job)[0] for _ in range(IDLE_RUNS)]
     for family in worker.families:  # the compiled packages only: the CUDA graphs keep serving
-        for name, routes in family.fast_paths.routes_of.items():
-            if family.fast_paths.named(name).setting == "COMPILE":
-                for installed in routes:
-                    installed.undo()
+        for installed in family.fast_paths.compiled_routes():
+            installed.undo()
     eager_idle = [_run(worker, job)[0] for _ in range(IDLE_RUNS)]
     eager_during = [run["s"] for run in during if not run["compiled"]]
     compiled_during = [run["s"] for run in during if run["compiled"]]

@@ -82,8 +82,8 @@ class BackgroundCompiler:
         """One child for the family's missing packages; activate each one it reports serving."""
         paths = family.fast_paths
         for name, entry in list(paths.missing.items()):
-            if entry.attempts() > self.settings.compile_retries:
-                why = f"{entry.attempts()} background compiles of it failed on this machine"
+            if (attempts := entry.attempts()) > self.settings.compile_retries:
+                why = f"{attempts} background compiles of it failed on this machine"
                 self._give_up(family, name, f"{why} (COMPILE_RETRIES={self.settings.compile_retries})", False)
         if not paths.missing:
             return

@@ -166,14 +166,18 @@ class FastPaths:
         del self.missing[name]
         self.status[name] = f"eager: {why}"
 
-    def compiled_calls(self) -> int:
-        """Calls answered so far by the paths of the ``COMPILE`` setting (compiled packages)."""
-        return sum(
-            installed.served
+    def compiled_routes(self) -> list[Route]:
+        """The routes installed by the paths of the ``COMPILE`` setting (compiled packages)."""
+        return [
+            installed
             for name, routes in self.routes_of.items()
             if self.named(name).setting == "COMPILE"
             for installed in routes
-        )
+        ]
+
+    def compiled_calls(self) -> int:
+        """Calls answered so far by compiled packages."""
+        return sum(installed.served for installed in self.compiled_routes())
 
     def undo(self) -> None:
         """Every module serves with its own methods again."""
