@@ -219,6 +219,9 @@ def phase_worker(
         "python_and_imports_s": round(imported - spawned, 2),
         **worker.startup,
     }
+    if worker.late is not None:  # READY_AFTER=first: the other families load behind the ready worker
+        worker.late.wait()
+        out["startup"]["process_to_every_family_s"] = round(time.time() - spawned, 2)
     out["resident_gib"] = _gib(torch.cuda.memory_allocated())
     out["reserved_gib"] = _gib(torch.cuda.memory_reserved())
     print(f"worker ready: {out['startup']}", flush=True)

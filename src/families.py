@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel
@@ -76,19 +78,37 @@ def all_job_types() -> dict[str, str]:
     return {job_type: name for name in REGISTRY for job_type in family_class(name).job_types}
 
 
-def load_families(settings: Settings) -> tuple[list[Family], dict[str, Any]]:
-    """Load and warm every family named in WORKER_MODELS, once, at start-up.
+def ready_order(settings: Settings) -> tuple[list[str], list[str]]:
+    """The families loaded before the worker is ready, and those loaded behind it.
 
-    Returns the families and the start-up record: seconds per phase (``load_<family>_s``,
+    READY_AFTER ``first``: the first family named in WORKER_MODELS that generates jobs (``prompt``
+    only rewrites their prompts), then the others in their order; ``all``, and COMPILE ``on`` or
+    ``wait`` (their packages are compiled, or refused, before the worker is ready): every family first.
+    """
+    names = settings.worker_models
+    check_names(names)  # every name, before any model loads
+    if settings.ready_after == "all" or settings.compile in ("on", "wait"):
+        return list(names), []
+    first = next(name for name in names if name != "prompt")
+    return [first], [name for name in names if name != first]
+
+
+def load_families(
+    settings: Settings, names: list[str], warm_up_lock: threading.Lock | None = None
+) -> tuple[list[Family], dict[str, Any]]:
+    """Load and warm the families called ``names``, in order; each warm-up under ``warm_up_lock``
+    when given (the worker's job lock, for families loaded behind a ready worker).
+
+    Returns the families and their start-up record: seconds per phase (``load_<family>_s``,
     ``warm_up_<family>_<phase>_s``, ...), ``fast_paths``, what each fast path does (``serving``,
     or ``eager: <why>``), and ``resident_gib``, each family's GPU memory. With COMPILE on, the
     warm-ups load the compiled packages (``wait``/``on``: compiling the missing ones first).
     """
-    check_names(settings.worker_models)  # before any model loads
+    check_names(names)
     phases = Phases()
     families: list[Family] = []
     resident_gib: dict[str, float] = {}
-    for name in settings.worker_models:
+    for name in names:
         with phases.phase(f"load_{name}"):
             with phases.phase(f"load_{name}_imports"):  # the first import of diffusers and transformers
                 cls = family_class(name)
@@ -97,20 +117,27 @@ def load_families(settings: Settings) -> tuple[list[Family], dict[str, Any]]:
             resident_gib[name] = round((_gpu_bytes() - before) / 2**30, 2)
     fast_paths: dict[str, str] = {}
     for family in families:
-        warm_up = Phases()
-        with phases.phase(f"warm_up_{family.name}"):
-            family.warm_up(warm_up)
-        phases.seconds.update({f"warm_up_{family.name}_{phase}": s for phase, s in warm_up.seconds.items()})
-        fast_paths.update(family.fast_paths.status)
-        log.info(
-            "%s ready: load %.1f s, warm-up %.1f s; fast paths: %s",
-            family.name,
-            phases.seconds[f"load_{family.name}"],
-            phases.seconds[f"warm_up_{family.name}"],
-            ", ".join(f"{path} {status}" for path, status in family.fast_paths.status.items()) or "none",
-        )
+        with warm_up_lock or nullcontext():
+            fast_paths.update(warm_up(family, phases))
     record: dict[str, Any] = {f"{phase}_s": seconds for phase, seconds in phases.seconds.items()}
     return families, {**record, "fast_paths": fast_paths, "resident_gib": resident_gib}
+
+
+def warm_up(family: Family, phases: Phases) -> dict[str, str]:
+    """Warm ``family`` up, timed into ``phases`` (``warm_up_<family>`` and its own phases); what
+    each of its fast paths does."""
+    own = Phases()
+    with phases.phase(f"warm_up_{family.name}"):
+        family.warm_up(own)
+    phases.seconds.update({f"warm_up_{family.name}_{phase}": s for phase, s in own.seconds.items()})
+    log.info(
+        "%s ready: load %.1f s, warm-up %.1f s; fast paths: %s",
+        family.name,
+        phases.seconds.get(f"load_{family.name}", 0.0),
+        phases.seconds[f"warm_up_{family.name}"],
+        ", ".join(f"{path} {status}" for path, status in family.fast_paths.status.items()) or "none",
+    )
+    return dict(family.fast_paths.status)
 
 
 def _gpu_bytes() -> int:

@@ -31,6 +31,13 @@ class Settings(BaseSettings):
         description="Model families to load and warm at start, comma-separated: `sdxl`, `wan`, and "
         "`prompt` (the LLM of prompt enhancement: the `*_enhanced` job types, `config.enhance_prompt`).",
     )
+    ready_after: Literal["first", "all"] = Field(
+        "first",
+        description="`first`: the worker is ready once the first family named in WORKER_MODELS is loaded "
+        "and warm (name first the family most jobs need); the others load behind it, and a job for one "
+        "of them waits until it is warm. `all`: ready only when every family is (also what COMPILE `on` "
+        "and `wait` do: their packages are compiled, or refused, before the worker is ready).",
+    )
     model_profile: Literal["full", "tiny"] = Field(
         "full",
         description="`full`: real weights from MODELS_DIR, refuse to start if missing. `tiny`: small random "

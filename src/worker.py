@@ -12,9 +12,10 @@ from src.acceleration import configure_cuda_allocator
 from src.background import BackgroundCompiler
 from src.callback import completed, failed
 from src.contract import JobError, JobRequest, one_line, parse_request, unknown_keys
-from src.families import Family, ModelFamily, all_job_types, load_families
+from src.families import Family, ModelFamily, all_job_types, load_families, ready_order
 from src.faults import describe_gpu_fault, is_gpu_fault, release_gpu_memory
 from src.joblog import JobLog, preview, redact
+from src.late_families import FamilyUnavailableError, LateFamilies
 from src.media.assets import Generation, store_generation
 from src.media.storage import JobObjects, Storage, build_storage, is_outage
 from src.progress import Progress, Sender, runpod_sender
@@ -28,7 +29,8 @@ class Worker:
     """Holds the loaded model families and the storage backend; runs one job at a time.
 
     ``startup``: the start-up record (seconds per phase, what each fast path does); ``job_lock``:
-    held during each job (packages compiled in the background are switched to between jobs).
+    held during each job (packages compiled in the background are switched to, and families loaded
+    behind the ready worker warmed up, between jobs); ``late``: those families' loader.
     """
 
     def __init__(
@@ -44,15 +46,47 @@ class Worker:
         self.families = families
         self.startup = startup or {}
         self._progress_sender = progress_sender
-        self._by_type = {job_type: family for family in families for job_type in family.job_types}
-        self._llm = next((family for family in families if family.name == "prompt"), None)
+        self._by_type: dict[str, ModelFamily] = {}
+        self._llm: Family | None = None
+        for family in families:
+            self._index(family)
         self.job_lock = threading.Lock()
         self.background: BackgroundCompiler | None = None
+        self.late: LateFamilies | None = None
+
+    def _index(self, family: Family) -> None:
+        self._by_type.update(dict.fromkeys(family.job_types, family))  # type: ignore[arg-type]
+        if family.name == "prompt":
+            self._llm = family
+
+    def add_family(self, family: Family) -> None:
+        """A family loaded behind the ready worker (called between jobs, under the job lock)."""
+        self.families.append(family)
+        self._index(family)
 
     def handle(self, job: dict[str, Any]) -> dict[str, Any]:
-        """Run one RunPod job and return the callback dict (or a failed one). Never raises."""
+        """Run one RunPod job and return the callback dict (or a failed one). Never raises.
+
+        A job for a family still loading behind the ready worker waits for it first, outside the
+        job lock (that family's warm-up takes it)."""
+        if self.late is not None:
+            self.late.wait_until(lambda: self._servable(job))
         with self.job_lock:
             return self._handle(job)
+
+    def _servable(self, job: Any) -> bool:
+        """Whether the families ``job`` names (its type, and the LLM when it asks for enhancement)
+        are loaded; True for a type no family has (validation refuses it)."""
+        job_type = _raw_field(job, "type")
+        if not isinstance(job_type, str):
+            return True
+        config = _raw_field(job, "config")
+        wants_llm = job_type in ENHANCED_TYPES or (
+            isinstance(config, dict) and config.get("enhance_prompt") is True
+        )
+        return ENHANCED_TYPES.get(job_type, job_type) in self._by_type and (
+            not wants_llm or self._llm is not None
+        )
 
     def _handle(self, job: dict[str, Any]) -> dict[str, Any]:
         job_id = _raw_job_id(job)
@@ -83,6 +117,9 @@ class Worker:
             message = redact(str(err))
             job_log.stage("failed", logging.WARNING, error=message)
             return failed(job_id, message)
+        except FamilyUnavailableError as err:  # the worker's fault: RunPod replaces it
+            job_log.stage("failed", logging.ERROR, error=str(err), refresh_worker=True)
+            return {**failed(job_id, str(err)), "refresh_worker": True}
         except Exception as err:
             return self._unexpected(job_id, err, job_log)
         elapsed = job_log.stage("completed", assets=len(assets))
@@ -98,6 +135,7 @@ class Worker:
 
     def _needs_llm(self, field: str, what: str) -> Family:
         """The prompt family, or a JobError naming ``field`` when this worker does not load it."""
+        self._check_loaded("prompt")
         if self._llm is None:
             loaded = ",".join(self.settings.worker_models)
             raise JobError(
@@ -184,6 +222,7 @@ class Worker:
         if family is not None:
             return family
         known = {**all_job_types(), **dict.fromkeys(ENHANCED_TYPES, "prompt")}
+        self._check_loaded(known.get(job_type))
         if job_type in known:
             loaded = ",".join(self.settings.worker_models)
             raise JobError(
@@ -191,6 +230,11 @@ class Worker:
                 f"{job_type!r} needs a model family this worker does not load (WORKER_MODELS={loaded})",
             )
         raise JobError("type", f"unknown job type {job_type!r}; expected one of: {', '.join(sorted(known))}")
+
+    def _check_loaded(self, name: str | None) -> None:
+        """Raise FamilyUnavailableError when family ``name`` failed to load behind the ready worker."""
+        if self.late is not None and name in self.late.failed:
+            raise FamilyUnavailableError(name, self.late.failed[name])
 
 
 def _raw_field(job: Any, name: str) -> Any:
@@ -206,21 +250,34 @@ def _raw_job_id(job: Any) -> str | None:
 
 
 def start_worker(settings: Settings) -> Worker:
-    """Build storage, load and warm the configured families: everything done once at start."""
+    """Build storage, load and warm the families the worker is ready with (READY_AFTER), and start
+    loading the others behind it: everything done once at start."""
     configure_cuda_allocator()
     storage = build_storage(settings)
     if settings.compile != "off" and (problem := settings.compile_cache_problem()):
         log.warning(problem)
-    families, startup = load_families(settings)
+    now, later = ready_order(settings)
+    families, startup = load_families(settings, now)
     # What start-up built lives as long as the worker: frozen, the cyclic garbage collector stops
     # rescanning it (a full pass took 0.35 s on the tiny models), so it collects each job's cycles
     # (Compel's prompt parser leaves ~2 MB of them) promptly, in milliseconds.
     gc.collect()
     gc.freeze()
     worker = Worker(settings, storage, families, runpod_sender(), startup)
-    if any(family.fast_paths.missing for family in families):
+    if later:
+        worker.late = LateFamilies(
+            settings, later, worker.job_lock, startup, worker.add_family, lambda: _compile_missing(worker)
+        )
+        worker.late.start()
+    else:
+        _compile_missing(worker)
+    return worker
+
+
+def _compile_missing(worker: Worker) -> None:
+    """Start the background compile of the families' missing packages, if any."""
+    if any(family.fast_paths.missing for family in worker.families):
         worker.background = BackgroundCompiler(
-            settings, families, worker.job_lock, startup, startup["resident_gib"]
+            worker.settings, worker.families, worker.job_lock, worker.startup, worker.startup["resident_gib"]
         )
         worker.background.start()
-    return worker

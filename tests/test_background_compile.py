@@ -31,9 +31,11 @@ def quick_cpp_build(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL", "O0")
 
 
-def background_worker(s3_endpoint: str, cache_dir: Path, **overrides: Any) -> Worker:
+def background_worker(
+    s3_endpoint: str, cache_dir: Path, families: tuple[str, ...] = ("wan",), **overrides: Any
+) -> Worker:
     settings = tiny_settings(
-        s3_endpoint, ["wan"], compile="background", compile_cache_dir=cache_dir, **overrides
+        s3_endpoint, list(families), compile="background", compile_cache_dir=cache_dir, **overrides
     )
     return start_worker(settings)
 
@@ -119,7 +121,9 @@ def test_a_corrupt_package_is_compiled_again_in_the_background(
     shutil.copytree(compiled_cache["cache_dir"], cache_dir)
     (corrupt,) = cache_dir.glob("wan-WanTransformerBlock-*.pt2")
     corrupt.write_bytes(corrupt.read_bytes()[:1000])  # a truncated file: its record no longer matches
-    worker = background_worker(s3_endpoint, cache_dir)
+    # Wan loads behind SDXL (READY_AFTER=first); its missing package compiles once it is loaded.
+    worker = background_worker(s3_endpoint, cache_dir, ("sdxl", "wan"), compile_sdxl=False)
+    assert worker.late is not None and worker.late.wait(300)
     assert worker.startup["fast_paths"]["wan-WanTransformerBlock"] == BACKGROUND
     assert image_job(worker, s3, "while-compiling")[1]["compiled"] is False  # T2V's blocks: eager
     assert worker.background is not None and worker.background.wait(600)

@@ -14,6 +14,7 @@ import requests
 import torch
 from diffusers import WanPipeline
 
+from src.prompt.decode import GROUPED_DECODE, grouped_decode_attention
 from src.prompt.enhance import ENHANCED_TYPES, usable_answer
 from src.prompt.family import PromptFamily
 from src.prompt.instructions import SYSTEM_PROMPTS, system_prompt_name
@@ -382,8 +383,34 @@ def test_the_decoder_writes_what_transformers_generate_writes(llm: PromptFamily)
     ``generate`` (dynamic cache, greedy), token for token."""
     ids = llm.chat_ids(SYSTEM_PROMPTS["sdxl"]["text"], "a red fox in the snow")
     mine = llm.decoder(ids, stop_at_end=False).ids
-    with torch.inference_mode():
-        expected = llm.model.generate(
-            ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
-        )
+    assert llm.model.config._attn_implementation == GROUPED_DECODE
+    llm.model.set_attn_implementation("sdpa")  # generate as transformers ships it
+    try:
+        with torch.inference_mode():
+            expected = llm.model.generate(
+                ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
+            )
+    finally:
+        llm.model.set_attn_implementation(GROUPED_DECODE)
     assert len(mine) == NEW_TOKENS and mine == expected[0, ids.shape[1] :].tolist()
+
+
+def test_a_decode_step_attends_as_repeated_key_value_heads_do() -> None:
+    """``grouped_decode_attention`` for one query token against attention written out here: each
+    key/value head repeated for its query heads, masked positions excluded, softmax."""
+    generator = torch.Generator().manual_seed(5)
+    batch, kv_heads, groups, length, dim = 1, 2, 3, 11, 8
+    query = torch.randn(batch, kv_heads * groups, 1, dim, generator=generator)
+    key, value = (torch.randn(batch, kv_heads, length, dim, generator=generator) for _ in range(2))
+    mask = torch.zeros(batch, 1, 1, length, dtype=torch.bool)
+    mask[..., :7] = True  # a static cache holding 7 positions of 11
+    module = torch.nn.Module()
+    module.num_key_value_groups = groups
+    got, _ = grouped_decode_attention(module, query, key, value, mask, scaling=0.3)
+
+    repeated_key = key.repeat_interleave(groups, dim=1)[..., :7, :]
+    repeated_value = value.repeat_interleave(groups, dim=1)[..., :7, :]
+    weights = torch.softmax(query @ repeated_key.transpose(-1, -2) * 0.3, dim=-1)
+    expected = (weights @ repeated_value).transpose(1, 2)  # (batch, 1, heads, dim)
+    assert got.shape == (batch, 1, kv_heads * groups, dim)
+    torch.testing.assert_close(got, expected)

@@ -19,15 +19,18 @@ from src.worker import Worker
 
 
 class _StaticGraph:
-    """Stands in for a captured graph: replay recomputes the eager call into the same tensors."""
+    """Stands in for a captured graph: replay recomputes the eager call (masked or not) into the
+    same tensors."""
 
-    def __init__(self, graphed: GraphedTextEncoder) -> None:
+    def __init__(self, graphed: GraphedTextEncoder, masked: bool) -> None:
         self.graphed = graphed
+        self.masked = masked
 
     def replay(self) -> None:
-        fresh = self.graphed.eager(self.graphed.ids, output_hidden_states=True)
+        mask = {"attention_mask": self.graphed.mask} if self.masked else {}
+        fresh = self.graphed.eager(self.graphed.ids, **mask, output_hidden_states=True)
         for static, value in zip(
-            pytree.tree_leaves(self.graphed.output), pytree.tree_leaves(fresh), strict=True
+            pytree.tree_leaves(self.graphed.outputs[self.masked]), pytree.tree_leaves(fresh), strict=True
         ):
             static.copy_(value)
 
@@ -41,8 +44,10 @@ def graphed(request: pytest.FixtureRequest, sdxl_pipe: Any) -> Any:
     encoder = getattr(sdxl_pipe, request.param)
     graphed = GraphedTextEncoder(encoder, request.param)
     with torch.inference_mode():
-        graphed.output = graphed.eager(graphed.ids, output_hidden_states=True)
-    graphed.graph = _StaticGraph(graphed)  # type: ignore[assignment]
+        for masked in (False, True):
+            mask = {"attention_mask": graphed.mask} if masked else {}
+            graphed.outputs[masked] = graphed.eager(graphed.ids, **mask, output_hidden_states=True)
+            graphed.graphs[masked] = _StaticGraph(graphed, masked)  # type: ignore[assignment]
     installed = route(encoder, "forward", graphed)  # as prepare() routes it after a real capture
     yield graphed
     installed.undo()
@@ -70,8 +75,27 @@ def test_pipeline_calls_replay_and_keep_their_outputs(graphed: GraphedTextEncode
     assert not torch.equal(got_prompt[0], got_negative[0])
     assert all(
         a.data_ptr() != b.data_ptr()
-        for a, b in zip(_leaves(got_prompt), _leaves(graphed.output), strict=True)
+        for a, b in zip(_leaves(got_prompt), _leaves(graphed.outputs[False]), strict=True)
     )
+
+
+def test_masked_chunks_replay_their_own_graph(graphed: GraphedTextEncoder) -> None:
+    """Compel's chunk with a down-weighted fragment masked out: the masked graph, its mask copied in."""
+    vocab = graphed.encoder.config.vocab_size
+    ids = _ids(3, vocab)
+    mask = torch.ones(1, TEXT_TOKENS, dtype=torch.long)
+    mask[:, 4:7] = 0
+    assert graphed.serves(ids, attention_mask=mask, output_hidden_states=True)
+    with torch.inference_mode():
+        got_plain = graphed.encoder(ids, output_hidden_states=True)
+        got = graphed.encoder(ids, attention_mask=mask, output_hidden_states=True)
+        want = graphed.eager(ids, attention_mask=mask, output_hidden_states=True)
+    assert all(torch.equal(a, b) for a, b in zip(_leaves(got), _leaves(want), strict=True))
+    assert not torch.allclose(got.hidden_states[-1], got_plain.hidden_states[-1])  # the mask reached it
+    assert torch.equal(graphed.mask, mask)
+    del graphed.graphs[True]  # not captured (its capture failed): masked calls run eagerly
+    assert not graphed.serves(ids, attention_mask=mask, output_hidden_states=True)
+    assert graphed.serves(ids, output_hidden_states=True)
 
 
 @pytest.mark.parametrize(
@@ -88,12 +112,12 @@ def test_other_calls_run_eagerly(
 ) -> None:
     ids = torch.randint(0, graphed.encoder.config.vocab_size, ids_shape)
     assert not graphed.serves(ids, **kwargs)
-    before = [t.clone() for t in _leaves(graphed.output)]
+    before = [t.clone() for t in _leaves(graphed.outputs)]
     with torch.inference_mode():
         got = graphed.encoder(ids, **kwargs)
         want = graphed.eager(ids, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(_leaves(got), _leaves(want), strict=True))
-    assert all(torch.equal(a, b) for a, b in zip(_leaves(graphed.output), before, strict=True))  # no replay
+    assert all(torch.equal(a, b) for a, b in zip(_leaves(graphed.outputs), before, strict=True))  # no replay
 
 
 def test_serves_only_the_encoders_device_and_dtype(graphed: GraphedTextEncoder) -> None:
@@ -102,6 +126,9 @@ def test_serves_only_the_encoders_device_and_dtype(graphed: GraphedTextEncoder) 
     assert not graphed.serves(ids.int(), output_hidden_states=True)
     assert not graphed.serves(ids, None, output_hidden_states=True)
     assert not graphed.serves(None, output_hidden_states=True)
+    assert not graphed.serves(
+        ids, attention_mask=torch.ones(1, 20, dtype=torch.long), output_hidden_states=True
+    )
 
 
 def test_cpu_worker_graphs_nothing(sdxl_worker: Worker) -> None:

@@ -139,25 +139,28 @@ def test_clip_skips_differ(pipe: Any) -> None:
 def test_every_chunk_is_the_call_the_cuda_graph_serves(pipe: Any) -> None:
     """Compel's calls reach each encoder as the pipelines' own (1, 77)-ids call, which the graph replays."""
     served: list[int] = []
+    masked: list[bool] = []
     routes = []
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipe, name)
         graphed = GraphedTextEncoder(encoder, name)  # its serves(): what a captured graph would take
-        graphed.graph = object()  # type: ignore[assignment]
+        graphed.graphs = {False: object(), True: object()}  # type: ignore[dict-item]
 
         class Counting:
             def serves(self, *args: Any, _g: Any = graphed, **kwargs: Any) -> bool:
                 ok = _g.serves(*args, **kwargs)
                 served.append(int(ok))
+                masked.append("attention_mask" in kwargs)
                 return False  # then run eagerly: only the question is under test
 
         routes.append(route(encoder, "forward", Counting()))
     try:
-        embed_prompts(pipe, "a (red:1.3) fox, " * 12, "blurry", weighting=True, clip_skip=1)
+        embed_prompts(pipe, "a (red:1.3) fox, " * 12, "blurry, low quality-", weighting=True, clip_skip=1)
     finally:
         for each in routes:
             each.undo()
     assert served and all(served)  # several chunks, prompt and negative, both encoders: all servable
+    assert masked.count(True) == 2  # the down-weighted "low quality-": a masked chunk per encoder
 
 
 # ------------------------------------------------------------------------------------ samplers

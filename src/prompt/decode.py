@@ -5,6 +5,12 @@ token: ``(1, 1)`` ids at one cache position, over a ``StaticCache`` allocated on
 one shape for every token of every job, so ``GraphedDecodeStep`` (CUDA only) captures it at start-up
 and replays it: the same kernels, without launching each from Python, which is what bounds
 ``generate`` on a 7B model (measured: docs/PERFORMANCE.md). Nothing is compiled.
+
+The model attends through ``grouped_decode_attention`` (registered with transformers'
+``AttentionInterface``): transformers' SDPA attention, except that a decode step's query heads are
+grouped onto their key/value head. Qwen2.5-7B has 28 query heads over 4 key/value heads, and with
+the static cache's mask transformers' SDPA path repeats each layer's whole cache 7 times per step
+(1.3 GB written and read again per token at 3328 positions) where grouping reads it once.
 """
 
 from __future__ import annotations
@@ -14,13 +20,50 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import StaticCache
+from transformers import AttentionInterface, StaticCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from src.fast_path import Route, UnavailableError, check_graph_replay, relative_error, route
 from src.timing import Phases
 
 log = logging.getLogger(__name__)
+
+
+GROUPED_DECODE = "sdpa_grouped_decode"  # the attention implementation's name in transformers' registries
+
+
+def grouped_decode_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' ``sdpa_attention_forward``, except for one query token over grouped key/value
+    heads: there the ``h`` query heads, ``(b, h, 1, d)``, are viewed as ``h / kv`` query rows of
+    each key/value head, ``(b, kv, h / kv, d)`` (query head ``i`` uses key/value head
+    ``i // (h / kv)``, as transformers' ``repeat_kv`` orders them), and the mask broadcasts over
+    the rows. Returns ``(b, 1, h, d)`` as the SDPA path does."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, length, dim = query.shape
+    if length != 1 or groups == 1 or dropout or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    grouped = query.view(batch, key.shape[1], groups, dim)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        grouped, key, value, attn_mask=attention_mask, scale=scaling
+    )
+    return out.view(batch, 1, heads, dim), None
+
+
+AttentionInterface.register(GROUPED_DECODE, grouped_decode_attention)
+AttentionMaskInterface.register(GROUPED_DECODE, sdpa_mask)  # the masks SDPA gets
 
 
 @dataclass(frozen=True)
@@ -35,6 +78,7 @@ class GreedyDecoder:
     """Greedy decoding of at most ``max_new_tokens`` after prompts of at most ``max_input_tokens``."""
 
     def __init__(self, model: torch.nn.Module, max_input_tokens: int, max_new_tokens: int) -> None:
+        model.set_attn_implementation(GROUPED_DECODE)
         self.model = model
         self.max_input_tokens = max_input_tokens
         self.max_new_tokens = max_new_tokens

@@ -1,9 +1,10 @@
 """The SDXL text encoders replayed from CUDA graphs (CUDA only).
 
 The pipelines call each encoder with one shape, ``(1, 77)`` token ids and
-``output_hidden_states=True`` (the prompt, then the negative prompt). Eager, that call is bound
-by launching a few hundred small kernels from Python; replayed from a graph captured at start-up
-it runs the same kernels without the launches. Other calls run the eager encoder.
+``output_hidden_states=True`` (the prompt, then the negative prompt); Compel's chunks with down-
+weighted tokens add a ``(1, 77)`` ``attention_mask``. Eager, each call is bound by launching a few
+hundred small kernels from Python; replayed from a graph captured at start-up (one without the
+mask, one with it) it runs the same kernels without the launches. Other calls run the eager encoder.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 class GraphedTextEncoder:
-    """One text encoder's pipeline call, ``(1, 77)`` ids with hidden states, from a CUDA graph."""
+    """One text encoder's ``(1, 77)`` ids call with hidden states, with or without an attention
+    mask, from CUDA graphs (``graphs``/``outputs`` keyed by ``masked``)."""
 
     setting = "CUDA_GRAPHS"
 
@@ -31,56 +33,91 @@ class GraphedTextEncoder:
         self.name = name
         self.eager = type(encoder).forward.__get__(encoder)  # what serves every other call
         self.ids = torch.zeros(1, TEXT_TOKENS, dtype=torch.long, device=encoder.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.output: Any = None
+        self.mask = torch.ones(1, TEXT_TOKENS, dtype=torch.long, device=encoder.device)
+        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[bool, Any] = {}
 
     def prepare(self, phases: Phases) -> list[Route]:
-        """Capture the call, check a replay against the eager call, and route matching calls.
+        """Capture both calls, check each replay against the eager call, and route matching calls.
 
-        Raises UnavailableError when capturing fails or the replay disagrees.
+        Raises UnavailableError when capturing fails or a replay disagrees.
         """
         with phases.phase("graphs"):
-            self.graph = self._capture()
-        log.info("%s: replayed from a CUDA graph", self.name)
+            self.graphs[False] = self._capture(masked=False)
+            try:
+                self.graphs[True] = self._capture(masked=True)
+            except UnavailableError as err:  # the unmasked calls still replay
+                log.warning("%s: chunks with masked tokens run eagerly: %s", self.name, err)
+        log.info(
+            "%s: replayed from CUDA graphs (%s)",
+            self.name,
+            "with and without a mask" if True in self.graphs else "without a mask",
+        )
         return [route(self.encoder, "forward", self)]
 
-    def _capture(self) -> torch.cuda.CUDAGraph:
+    def _inputs(self, masked: bool, mask: torch.Tensor | None = None) -> dict[str, Any]:
+        """The call's keyword arguments: the mask buffer (or ``mask``) when ``masked``."""
+        return {"attention_mask": self.mask if mask is None else mask} if masked else {}
+
+    def _capture(self, masked: bool) -> torch.cuda.CUDAGraph:
         ids = torch.randint(0, self.encoder.config.vocab_size, self.ids.shape, device=self.ids.device)
+        mask = torch.ones_like(self.mask)
+        mask[:, 3:9] = 0  # as Compel masks a down-weighted fragment
         try:
             with torch.inference_mode():
+                self.mask.fill_(1)
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):  # first-call work (cuBLAS handles) outside the capture
-                    self.eager(self.ids, output_hidden_states=True)
+                    self.eager(self.ids, **self._inputs(masked), output_hidden_states=True)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    self.output = self.eager(self.ids, output_hidden_states=True)
-                expected = self.eager(ids, output_hidden_states=True)
+                    self.outputs[masked] = self.eager(
+                        self.ids, **self._inputs(masked), output_hidden_states=True
+                    )
+                expected = self.eager(ids, **self._inputs(masked, mask), output_hidden_states=True)
                 self.ids.copy_(ids)
+                self.mask.copy_(mask)
                 graph.replay()
-                error = relative_error(self.output, expected)
+                error = relative_error(self.outputs[masked], expected)
         except Exception as err:  # a speed path: the eager encoder serves without it
             raise UnavailableError(f"not captured in a CUDA graph ({type(err).__name__}: {err})") from None
         check_graph_replay(self.name, error)
         return graph
 
     def serves(self, input_ids: Any = None, *args: Any, **kwargs: Any) -> bool:
-        """True for the pipelines' call: ``(1, 77)`` ids on the encoder's device, hidden states on."""
+        """True for the pipelines' call (``(1, 77)`` ids on the encoder's device, hidden states on)
+        and for Compel's masked chunk (the same with a ``(1, 77)`` attention mask)."""
+        mask = kwargs.pop("attention_mask", None)
+        masked = mask is not None
         return (
-            self.graph is not None
+            masked in self.graphs
             and not args
             and kwargs == {"output_hidden_states": True}
             and isinstance(input_ids, torch.Tensor)
             and input_ids.shape == self.ids.shape
             and input_ids.dtype == self.ids.dtype
             and input_ids.device == self.ids.device
+            and (
+                not masked
+                or (
+                    isinstance(mask, torch.Tensor)
+                    and mask.shape == self.mask.shape
+                    and mask.device == self.mask.device
+                )
+            )
         )
 
-    def __call__(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
-        """The encoder's forward, replayed from the graph."""
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> Any:
+        """The encoder's forward, replayed from the graph of its kind."""
+        masked = attention_mask is not None
         self.ids.copy_(input_ids)
-        self.graph.replay()
+        if masked:
+            self.mask.copy_(attention_mask)
+        self.graphs[masked].replay()
         # The graph writes into the same tensors at every replay: the negative prompt's would
         # overwrite the prompt's embeddings, which the pipeline still holds.
-        return pytree.tree_map(torch.Tensor.clone, self.output)
+        return pytree.tree_map(torch.Tensor.clone, self.outputs[masked])

@@ -12,7 +12,7 @@ hidden states, so the CUDA-graphed text encoders serve every chunk; a chunk with
 weighted) tokens runs the eager encoder. Clip skip drops the last hidden states before Compel takes
 the penultimate one: ``hidden_states[-(clip_skip + 2)]``, as diffusers' ``clip_skip`` does. With
 weighting off, Compel's syntax characters are escaped: the prompt is read literally, still in
-chunks.
+chunks. Compel's parser runs with pyparsing's packrat memoisation.
 """
 
 from __future__ import annotations
@@ -21,8 +21,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import pyparsing
 import torch
 from compel import CompelForSDXL
+
+# Compel's prompt grammar backtracks; pyparsing's packrat memoisation (unbounded: the cache is
+# emptied at each parse) halves the parse time of each prompt (docs/PERFORMANCE.md).
+pyparsing.ParserElement.enable_packrat(None)
 
 _SYNTAX = re.compile(r"([()\[\]:+\-\\])")  # what Compel's parser reads as weighting
 _ESCAPED = re.compile(r"\\[()\[\]]")
