@@ -48,16 +48,18 @@ class BackgroundCompiler:
         job_lock: threading.Lock,
         startup: dict[str, Any],
         resident_gib: dict[str, float],
+        ready_at: float,
     ) -> None:
-        """``startup``: the worker's start-up record (updated as packages become active);
-        ``resident_gib``: each family's GPU memory, what its child loads again."""
+        """``startup``: the worker's start-up record (updated as packages become active, in seconds
+        since ``ready_at``, the worker's ``perf_counter`` when it was ready); ``resident_gib``: each
+        family's GPU memory, what its child loads again."""
         self.settings = settings
         self.families = [family for family in families if family.fast_paths.missing]
         self.job_lock = job_lock
         self.startup = startup
         self.resident_gib = resident_gib
         self.children: list[subprocess.Popen[str]] = []
-        self._started = time.perf_counter()
+        self._ready_at = ready_at
         self._thread = threading.Thread(target=self._run, name="background compile", daemon=True)
 
     def start(self) -> None:
@@ -76,7 +78,7 @@ class BackgroundCompiler:
                 log.error("background compile of %s failed: %s", family.name, err)
                 for name in list(family.fast_paths.missing):
                     self._give_up(family, name, f"the background compile failed ({err})")
-        self.startup["background_compile_s"] = round(time.perf_counter() - self._started, 2)
+        self.startup["background_compile_s"] = round(time.perf_counter() - self._ready_at, 2)
 
     def _compile(self, family: Family) -> None:
         """One child for the family's missing packages; activate each one it reports serving."""
@@ -126,7 +128,7 @@ class BackgroundCompiler:
             serving = family.fast_paths.activate(name, phases)
         self.startup["fast_paths"][name] = family.fast_paths.status[name]
         if serving:
-            after = round(time.perf_counter() - self._started, 2)
+            after = round(time.perf_counter() - self._ready_at, 2)
             self.startup.setdefault("active_after_s", {})[name] = after
             log.info("%s: compiled in the background, serving from now on (%.1f s after ready)", name, after)
 

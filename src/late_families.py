@@ -44,7 +44,10 @@ class LateFamilies:
         startup: dict[str, Any],
         add: Callable[[Family], None],
         then: Callable[[], None],
+        ready_at: float,
     ) -> None:
+        """``ready_at``: the worker's ``perf_counter`` when it was ready (``ready_after_s`` counts
+        from it)."""
         self.settings = settings
         self.names = names
         self.job_lock = job_lock
@@ -54,7 +57,7 @@ class LateFamilies:
         self.failed: dict[str, str] = {}  # family name -> why it did not load
         self.done = False
         self._changed = threading.Condition()
-        self._ready_at = time.perf_counter()
+        self._ready_at = ready_at
         self._thread = threading.Thread(target=self._run, name="late families", daemon=True)
 
     def start(self) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import logging
 import threading
+import time
 from typing import Any
 
 from src.acceleration import configure_cuda_allocator
@@ -51,6 +52,7 @@ class Worker:
         for family in families:
             self._index(family)
         self.job_lock = threading.Lock()
+        self.ready_at = time.perf_counter()  # what the start-up record's "after ready" times count from
         self.background: BackgroundCompiler | None = None
         self.late: LateFamilies | None = None
 
@@ -266,7 +268,13 @@ def start_worker(settings: Settings) -> Worker:
     worker = Worker(settings, storage, families, runpod_sender(), startup)
     if later:
         worker.late = LateFamilies(
-            settings, later, worker.job_lock, startup, worker.add_family, lambda: _compile_missing(worker)
+            settings,
+            later,
+            worker.job_lock,
+            startup,
+            worker.add_family,
+            lambda: _compile_missing(worker),
+            worker.ready_at,
         )
         worker.late.start()
     else:
@@ -278,6 +286,11 @@ def _compile_missing(worker: Worker) -> None:
     """Start the background compile of the families' missing packages, if any."""
     if any(family.fast_paths.missing for family in worker.families):
         worker.background = BackgroundCompiler(
-            worker.settings, worker.families, worker.job_lock, worker.startup, worker.startup["resident_gib"]
+            worker.settings,
+            worker.families,
+            worker.job_lock,
+            worker.startup,
+            worker.startup["resident_gib"],
+            worker.ready_at,
         )
         worker.background.start()

@@ -128,6 +128,10 @@ def test_a_corrupt_package_is_compiled_again_in_the_background(
     assert image_job(worker, s3, "while-compiling")[1]["compiled"] is False  # T2V's blocks: eager
     assert worker.background is not None and worker.background.wait(600)
     assert worker.startup["fast_paths"] == dict.fromkeys(PACKAGES, SERVING)
+    # both count from ready: the package became active after Wan had loaded
+    assert (
+        worker.startup["active_after_s"]["wan-WanTransformerBlock"] > worker.startup["ready_after_s"]["wan"]
+    )
     assert corrupt.stat().st_size > 1000
     pixels, metadata = image_job(worker, s3, "recompiled")
     assert metadata["compiled"] is True
