@@ -120,8 +120,9 @@ class Worker:
             job_log.stage("failed", logging.WARNING, error=message)
             return failed(job_id, message)
         except FamilyUnavailableError as err:  # the worker's fault: RunPod replaces it
-            job_log.stage("failed", logging.ERROR, error=str(err), refresh_worker=True)
-            return {**failed(job_id, str(err)), "refresh_worker": True}
+            message = redact(str(err))
+            job_log.stage("failed", logging.ERROR, error=message, refresh_worker=True)
+            return {**failed(job_id, message), "refresh_worker": True}
         except Exception as err:
             return self._unexpected(job_id, err, job_log)
         elapsed = job_log.stage("completed", assets=len(assets))
