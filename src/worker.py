@@ -20,7 +20,7 @@ from src.late_families import FamilyUnavailableError, LateFamilies
 from src.media.assets import Generation, store_generation
 from src.media.storage import JobObjects, Storage, build_storage, is_outage
 from src.progress import Progress, Sender, runpod_sender
-from src.prompt.enhance import ENHANCED_TYPES, Enhancement, enhance
+from src.prompt.enhance import ENHANCED_TYPES, Enhancement, enhance, wants_enhancement
 from src.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,7 @@ class Worker:
         job_type = _raw_field(job, "type")
         if not isinstance(job_type, str):
             return True
-        config = _raw_field(job, "config")
-        wants_llm = job_type in ENHANCED_TYPES or (
-            isinstance(config, dict) and config.get("enhance_prompt") is True
-        )
+        wants_llm = wants_enhancement(job_type, _raw_field(job, "config"))
         return ENHANCED_TYPES.get(job_type, job_type) in self._by_type and (
             not wants_llm or self._llm is not None
         )
@@ -106,7 +103,7 @@ class Worker:
             plan = self._plan(family, request.model_copy(update={"type": base_type or request.type}), unknown)
             job_log.stage("planned", family=family.name)
             enhancement = None
-            if base_type is not None or request.config.get("enhance_prompt") is True:  # a bool: planned
+            if wants_enhancement(request.type, request.config):  # config.enhance_prompt: a bool, planned
                 enhancement = self._enhance(family, plan.prompt, job_log)
                 plan = dataclasses.replace(plan, prompt=enhancement.prompt)
             progress = Progress(job, self._progress_sender, self.settings.progress_interval_s)

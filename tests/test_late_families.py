@@ -16,17 +16,13 @@ from src.wan.family import WanFamily
 from src.worker import Worker, start_worker
 from tests.conftest import tiny_settings
 from tests.test_enhance import keys_under, small_job, stored_object
+from tests.test_harness import job
 
 
 def sdxl_job(job_id: str, **config: Any) -> dict[str, Any]:
-    payload = {
-        "id": job_id,
-        "type": "sdxl_image_fast",
-        "prompt": "a red kite",
-        "user_id": "user-2",
-        "config": {"width": 512, "height": 512, "num_inference_steps": 1, "seed": 3, **config},
-    }
-    return {"id": "rp-" + job_id, "input": payload}
+    """A one-step 512x512 SDXL job stored under user-2 (as the Wan jobs here)."""
+    config = {"width": 512, "height": 512, "num_inference_steps": 1, "seed": 3, **config}
+    return job(job_id, user_id="user-2", prompt="a red kite", config=config)
 
 
 class Held:

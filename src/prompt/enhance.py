@@ -30,6 +30,13 @@ ENHANCED_TYPES = {
     "video7b_fast_enhanced": "video_fast",
     "video7b_high_enhanced": "video_high",
 }
+
+
+def wants_enhancement(job_type: str, config: Any) -> bool:
+    """Whether a job asks for prompt enhancement: an enhanced type, or ``config.enhance_prompt: true``."""
+    return job_type in ENHANCED_TYPES or (isinstance(config, dict) and config.get("enhance_prompt") is True)
+
+
 SENTENCE_ENDS = ".!?。！？"
 PHRASE_ENDS = ",;，；、"
 QUOTES = "\"'“”‘’「」"
