@@ -124,7 +124,6 @@ def bench_enhance(worker: Any, timed: Any, runs: int = 3) -> dict[str, Any]:
     transformers ``generate`` (bf16, greedy) on the same model and chat, in the same process."""
     import torch
 
-    from src.prompt.decode import GROUPED_DECODE
     from src.prompt.instructions import SYSTEM_PROMPTS
 
     (llm,) = [family for family in worker.families if family.name == "prompt"]
@@ -132,11 +131,9 @@ def bench_enhance(worker: Any, timed: Any, runs: int = 3) -> dict[str, Any]:
     ids = llm.chat_ids(system, PROMPT)
     worker_s = [timed(llm.rewrite, system, PROMPT, stop_at_end=False)[1] for _ in range(runs)]
     fixed = {"max_new_tokens": ENHANCE_TOKENS, "min_new_tokens": ENHANCE_TOKENS, "do_sample": False}
-    llm.model.set_attn_implementation("sdpa")  # plain: transformers' own attention
-    with torch.inference_mode():
+    with llm.decoder.as_shipped(), torch.inference_mode():  # plain: transformers' own model
         llm.model.generate(ids, max_new_tokens=8, do_sample=False)  # first-call costs
         plain_s = [timed(llm.model.generate, ids, **fixed)[1] for _ in range(2)]
-    llm.model.set_attn_implementation(GROUPED_DECODE)
     result = {
         "chat_tokens": ids.shape[1],
         "new_tokens": llm.decoder.max_new_tokens,

@@ -13,6 +13,7 @@ import pytest
 import requests
 import torch
 from diffusers import WanPipeline
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from src.prompt.decode import GROUPED_DECODE, grouped_decode_attention
 from src.prompt.enhance import ENHANCED_TYPES, usable_answer
@@ -137,14 +138,11 @@ def test_an_enhanced_type_is_its_base_type_run_with_the_enhanced_prompt(
 def test_enhance_prompt_in_config_does_the_same_for_sdxl_and_wan(
     llm_worker: Worker, wan_prompts: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from src.sdxl import family as sdxl_family
-
+    encoder = llm_worker.families[0].prompts  # the SDXL family's
     seen: list[str] = []
-    real = sdxl_family.embed_prompts
+    real = encoder.embed
     monkeypatch.setattr(
-        sdxl_family,
-        "embed_prompts",
-        lambda pipe, prompt, *a, **k: seen.append(prompt) or real(pipe, prompt, *a, **k),
+        encoder, "embed", lambda prompt, *a, **k: seen.append(prompt) or real(prompt, *a, **k)
     )
     sdxl = llm_worker.handle(
         {
@@ -383,15 +381,14 @@ def test_the_decoder_writes_what_transformers_generate_writes(llm: PromptFamily)
     ``generate`` (dynamic cache, greedy), token for token."""
     ids = llm.chat_ids(SYSTEM_PROMPTS["sdxl"]["text"], "a red fox in the snow")
     mine = llm.decoder(ids, stop_at_end=False).ids
+    assert llm.model.config._attn_implementation == GROUPED_DECODE and llm.decoder.norm_routes
+    with llm.decoder.as_shipped(), torch.inference_mode():  # generate as transformers ships it
+        norms = [module for module in llm.model.modules() if isinstance(module, Qwen2RMSNorm)]
+        assert norms and all("forward" not in vars(norm) for norm in norms)
+        expected = llm.model.generate(
+            ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
+        )
     assert llm.model.config._attn_implementation == GROUPED_DECODE
-    llm.model.set_attn_implementation("sdpa")  # generate as transformers ships it
-    try:
-        with torch.inference_mode():
-            expected = llm.model.generate(
-                ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
-            )
-    finally:
-        llm.model.set_attn_implementation(GROUPED_DECODE)
     assert len(mine) == NEW_TOKENS and mine == expected[0, ids.shape[1] :].tolist()
 
 

@@ -26,6 +26,7 @@ from src.loras import apply
 from src.loras.apply import MergedLoras
 from src.loras.files import LoraFile, LoraFiles
 from src.media.download import Download
+from src.sdxl.prompts import PromptEncoder
 from src.worker import Worker
 from tests import loras as kit
 from tests.conftest import BUCKET, ImageServer, free_port, list_keys
@@ -132,6 +133,31 @@ def test_a_sdxl_lora_changes_the_image_and_the_next_job_is_untouched(
     assert "loras" not in after["assets"][0]["metadata"]
     zero = run(sdxl, "sdxl-scale-0", [{"url": url, "scale": 0.0}])
     assert stored(s3, zero) == before  # scale 0 is no LoRA
+
+
+def test_a_weighted_prompt_under_a_lora_is_weighted_from_the_loras_empty_prompt(
+    sdxl: Worker, s3: Any, image_server: ImageServer, served: dict[str, bytes]
+) -> None:
+    """Compel weights from the empty prompt's embedding, which a LoRA on the text encoders changes:
+    the UNet gets what a new encoder computes with the LoRA merged (not the embedding the worker
+    kept from before), and the next job without the LoRA gets exactly what it got before."""
+    pipe = sdxl.families[0].text2img
+    prompt, url = "a (red:1.3) boat", image_server.base + "/sdxl.safetensors"
+    seen: list[torch.Tensor] = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"][-1:].clone()),
+        with_kwargs=True,
+    )
+    try:
+        before = stored(s3, run(sdxl, "weighted-plain-1", prompt=prompt))
+        stored(s3, run(sdxl, "weighted-lora", [{"url": url, "scale": 0.8}], prompt=prompt))
+        under_lora = seen[-1]  # the prompt's row of the CFG batch
+        expected = PromptEncoder(pipe).embed(prompt, None, weighting=True, clip_skip=0).embeds  # still merged
+        after = stored(s3, run(sdxl, "weighted-plain-2", prompt=prompt))
+    finally:
+        hook.remove()
+    torch.testing.assert_close(under_lora, expected)
+    assert after == before
 
 
 def test_kohya_and_peft_layouts_give_the_same_image(sdxl: Worker, s3: Any, sdxl_factors: kit.Factors) -> None:

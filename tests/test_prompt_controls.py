@@ -16,7 +16,7 @@ from PIL import Image
 
 from src.fast_path import route
 from src.sdxl.graphed_encoders import GraphedTextEncoder
-from src.sdxl.prompts import embed_prompts
+from src.sdxl.prompts import PromptEncoder
 from src.sdxl.schedulers import SCHEDULERS
 from src.wan.plan import DEFAULT_NEGATIVE_PROMPT
 from src.worker import Worker
@@ -41,20 +41,77 @@ def pipe(sdxl_worker: Worker) -> Any:
     return sdxl_worker.families[0].text2img
 
 
+@pytest.fixture
+def encoder(pipe: Any) -> PromptEncoder:
+    """A new encoder over the worker's pipeline (none of its cached empty-prompt embeddings)."""
+    return PromptEncoder(pipe)
+
+
 # ------------------------------------------------------------------ weighting and long prompts
 
 
-def test_a_weighted_token_is_scaled_away_from_the_empty_prompt(pipe: Any) -> None:
+def test_a_weighted_token_is_scaled_away_from_the_empty_prompt(pipe: Any, encoder: PromptEncoder) -> None:
     """Compel's rule, computed here: weighted = empty + 1.3 x (neutral - empty) at the token, and
     every other position as in the neutral prompt."""
-    neutral = embed_prompts(pipe, "a red fox", None, weighting=True, clip_skip=0).embeds
-    empty = embed_prompts(pipe, "", None, weighting=True, clip_skip=0).embeds
-    weighted = embed_prompts(pipe, "a (red:1.3) fox", None, weighting=True, clip_skip=0).embeds
+    neutral = encoder.embed("a red fox", None, weighting=True, clip_skip=0).embeds
+    empty = encoder.embed("", None, weighting=True, clip_skip=0).embeds
+    weighted = encoder.embed("a (red:1.3) fox", None, weighting=True, clip_skip=0).embeds
     changed = (weighted - neutral).abs().amax(dim=-1)[0] > 1e-6
     red = len(pipe.tokenizer("red", add_special_tokens=False).input_ids)
     assert int(changed.sum()) == red  # exactly the tokens of "red"
     expected = empty + 1.3 * (neutral - empty)
     torch.testing.assert_close(weighted[0, changed], expected[0, changed], rtol=1e-5, atol=1e-5)
+
+
+def test_the_empty_prompt_is_embedded_once_per_encoder_weights_and_clip_skip(
+    pipe: Any, encoder: PromptEncoder
+) -> None:
+    """Compel weights from the empty prompt's embedding: the first weighted call embeds it (two
+    calls of the first encoder: the chunk, the empty prompt), the next ones reuse it (one call),
+    until the clip skip or the weights (``weights_key``) change."""
+    calls: list[int] = []
+    hook = pipe.text_encoder.register_forward_pre_hook(lambda module, args: calls.append(1))
+
+    def count(**changes: Any) -> tuple[int, torch.Tensor]:
+        calls.clear()
+        embeds = encoder.embed(
+            "a (red:1.3) fox", None, **{"weighting": True, "clip_skip": 0, **changes}
+        ).embeds
+        return len(calls), embeds
+
+    try:
+        (first, embeds), (again, embeds_again) = count(), count()
+        assert (first, again) == (2, 1) and torch.equal(embeds, embeds_again)
+        assert count(clip_skip=1)[0] == 2 and count(clip_skip=1)[0] == 1 and count()[0] == 1
+        assert count(weights_key=(("lora", 0.8),))[0] == 2 and count(weights_key=(("lora", 0.8),))[0] == 1
+        assert count()[0] == 2  # the weights' key changed back: embedded again
+    finally:
+        hook.remove()
+
+
+def test_changed_encoder_weights_get_their_own_empty_prompt(pipe: Any, encoder: PromptEncoder) -> None:
+    """Weights changed in place (as a merged LoRA changes them) under a new ``weights_key``: the same
+    embeddings as a new encoder's; under the old key, an encoder would weight from the stale
+    empty prompt (what the key prevents)."""
+    weighted = {"prompt": "a (red:1.3) fox", "negative_prompt": None, "weighting": True, "clip_skip": 0}
+    before = encoder.embed(**weighted).embeds
+    stale = PromptEncoder(pipe)
+    stale.embed(**weighted)
+    (weight,) = (
+        w for name, w in pipe.text_encoder.named_parameters() if name.endswith("layers.0.mlp.fc1.weight")
+    )
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(1.5)
+    try:
+        merged = encoder.embed(**weighted, weights_key=(("lora", 1.0),)).embeds
+        fresh = PromptEncoder(pipe).embed(**weighted).embeds
+        assert torch.equal(merged, fresh) and not torch.allclose(merged, before)
+        assert not torch.allclose(stale.embed(**weighted).embeds, fresh)
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+    assert torch.equal(encoder.embed(**weighted).embeds, before)
 
 
 @pytest.mark.parametrize(
@@ -81,7 +138,9 @@ def test_a1111_and_compel_weighting_read_as_their_users_mean(a1111: str, weights
     assert {text: pytest.approx(weight) for text, weight in weights.items()}.items() <= parsed.items()
 
 
-def test_the_unet_receives_the_weighted_embeddings(sdxl_worker: Worker, pipe: Any, s3: Any) -> None:
+def test_the_unet_receives_the_weighted_embeddings(
+    sdxl_worker: Worker, pipe: Any, s3: Any, encoder: PromptEncoder
+) -> None:
     seen: list[torch.Tensor] = []
     hook = pipe.unet.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True
@@ -90,7 +149,7 @@ def test_the_unet_receives_the_weighted_embeddings(sdxl_worker: Worker, pipe: An
         stored(s3, sdxl_worker.handle(job("door-weighted", "a (red:1.3) fox", num_inference_steps=1)))
     finally:
         hook.remove()
-    expected = embed_prompts(pipe, "a (red:1.3) fox", None, weighting=True, clip_skip=0).embeds
+    expected = encoder.embed("a (red:1.3) fox", None, weighting=True, clip_skip=0).embeds
     torch.testing.assert_close(seen[0][1:], expected)  # the CFG batch: [negative (zeros), prompt]
 
 
@@ -105,20 +164,20 @@ def test_a_200_token_prompt_is_not_cut(sdxl_worker: Worker, s3: Any) -> None:
     assert literal == first  # nothing to weigh: the same embeddings, chunked alike
 
 
-def test_parentheses_pass_through_with_weighting_off(pipe: Any) -> None:
-    literal = embed_prompts(pipe, "a (red) fox", None, weighting=False, clip_skip=0).embeds
+def test_parentheses_pass_through_with_weighting_off(pipe: Any, encoder: PromptEncoder) -> None:
+    literal = encoder.embed("a (red) fox", None, weighting=False, clip_skip=0).embeds
     with torch.inference_mode():
         diffusers_own = pipe.encode_prompt("a (red) fox", device="cpu", do_classifier_free_guidance=False)[0]
     torch.testing.assert_close(literal, diffusers_own)  # "(" and ")" are tokens, as diffusers reads them
-    weighted = embed_prompts(pipe, "a (red) fox", None, weighting=True, clip_skip=0).embeds
+    weighted = encoder.embed("a (red) fox", None, weighting=True, clip_skip=0).embeds
     assert not torch.allclose(weighted, literal)  # weighting on: (red) is red at 1.1
 
 
 @pytest.mark.parametrize("clip_skip", [0, 1, 2])
-def test_clip_skip_is_diffusers_clip_skip(pipe: Any, clip_skip: int) -> None:
+def test_clip_skip_is_diffusers_clip_skip(pipe: Any, clip_skip: int, encoder: PromptEncoder) -> None:
     """As A1111 does, clip skip applies to the negative prompt too (diffusers' SDXL pipeline applies
     it to the prompt only): each is compared with diffusers encoding it as a prompt."""
-    ours = embed_prompts(pipe, "a red fox", "blurry", weighting=True, clip_skip=clip_skip)
+    ours = encoder.embed("a red fox", "blurry", weighting=True, clip_skip=clip_skip)
     with torch.inference_mode():
         for text, got, got_pooled in (
             ("a red fox", ours.embeds, ours.pooled),
@@ -131,19 +190,19 @@ def test_clip_skip_is_diffusers_clip_skip(pipe: Any, clip_skip: int) -> None:
             torch.testing.assert_close(got_pooled, pooled)
 
 
-def test_clip_skips_differ(pipe: Any) -> None:
-    skips = [embed_prompts(pipe, "a red fox", None, weighting=True, clip_skip=n).embeds for n in (0, 1, 2)]
+def test_clip_skips_differ(pipe: Any, encoder: PromptEncoder) -> None:
+    skips = [encoder.embed("a red fox", None, weighting=True, clip_skip=n).embeds for n in (0, 1, 2)]
     assert not torch.allclose(skips[0], skips[1]) and not torch.allclose(skips[1], skips[2])
 
 
-def test_every_chunk_is_the_call_the_cuda_graph_serves(pipe: Any) -> None:
+def test_every_chunk_is_the_call_the_cuda_graph_serves(pipe: Any, encoder: PromptEncoder) -> None:
     """Compel's calls reach each encoder as the pipelines' own (1, 77)-ids call, which the graph replays."""
     served: list[int] = []
     masked: list[bool] = []
     routes = []
     for name in ("text_encoder", "text_encoder_2"):
-        encoder = getattr(pipe, name)
-        graphed = GraphedTextEncoder(encoder, name)  # its serves(): what a captured graph would take
+        text_encoder = getattr(pipe, name)
+        graphed = GraphedTextEncoder(text_encoder, name)  # its serves(): what a captured graph would take
         graphed.graphs = {False: object(), True: object()}  # type: ignore[dict-item]
 
         class Counting:
@@ -153,9 +212,9 @@ def test_every_chunk_is_the_call_the_cuda_graph_serves(pipe: Any) -> None:
                 masked.append("attention_mask" in kwargs)
                 return False  # then run eagerly: only the question is under test
 
-        routes.append(route(encoder, "forward", Counting()))
+        routes.append(route(text_encoder, "forward", Counting()))
     try:
-        embed_prompts(pipe, "a (red:1.3) fox, " * 12, "blurry, low quality-", weighting=True, clip_skip=1)
+        encoder.embed("a (red:1.3) fox, " * 12, "blurry, low quality-", weighting=True, clip_skip=1)
     finally:
         for each in routes:
             each.undo()

@@ -10,12 +10,15 @@ The model attends through ``grouped_decode_attention`` (registered with transfor
 ``AttentionInterface``): transformers' SDPA attention, except that a decode step's query heads are
 grouped onto their key/value head. Qwen2.5-7B has 28 query heads over 4 key/value heads, and with
 the static cache's mask transformers' SDPA path repeats each layer's whole cache 7 times per step
-(1.3 GB written and read again per token at 3328 positions) where grouping reads it once.
+(1.3 GB written and read again per token at 3328 positions) where grouping reads it once. Its
+RMSNorms run as ``F.rms_norm`` (``src/prompt/fused_norms.py``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +29,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from src.fast_path import Route, UnavailableError, check_graph_replay, relative_error, route
+from src.prompt.fused_norms import fuse_rms_norms
 from src.timing import Phases
 
 log = logging.getLogger(__name__)
@@ -79,12 +83,25 @@ class GreedyDecoder:
 
     def __init__(self, model: torch.nn.Module, max_input_tokens: int, max_new_tokens: int) -> None:
         model.set_attn_implementation(GROUPED_DECODE)
+        self.norm_routes = fuse_rms_norms(model)
         self.model = model
         self.max_input_tokens = max_input_tokens
         self.max_new_tokens = max_new_tokens
         self.cache = StaticCache(config=model.config, max_cache_len=max_input_tokens + max_new_tokens)
         end = model.generation_config.eos_token_id
         self.end_ids = set(end if isinstance(end, list) else [end])
+
+    @contextmanager
+    def as_shipped(self) -> Iterator[None]:
+        """Within: the model attends (SDPA) and normalises as transformers ships it (baselines)."""
+        self.model.set_attn_implementation("sdpa")
+        for installed in self.norm_routes:
+            installed.undo()
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(GROUPED_DECODE)
+            self.norm_routes = fuse_rms_norms(self.model)
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, stop_at_end: bool = True, limit: int | None = None) -> Decoded:

@@ -23,7 +23,7 @@ from src.sdxl.compiled_unet import CompiledUnet
 from src.sdxl.compiled_vae import CompiledVaeDecode
 from src.sdxl.graphed_encoders import GraphedTextEncoder
 from src.sdxl.plan import DEFAULTS, SIZE_BOUNDS, SdxlConfig, SdxlMetadata, SdxlPlan, plan_sdxl
-from src.sdxl.prompts import embed_prompts
+from src.sdxl.prompts import PromptEncoder
 from src.sdxl.schedulers import scheduler_for
 from src.settings import Settings
 from src.timing import Phases
@@ -59,6 +59,7 @@ class SdxlFamily:
         self.limits = limits
         self.loras = loras
         self.merged = MergedLoras(text2img, LORA_COMPONENTS, "SDXL")  # img2img shares the models
+        self.prompts = PromptEncoder(text2img)
         self.scheduler_config = (
             text2img.scheduler.config
         )  # the model's own: every job's sampler starts from it
@@ -113,9 +114,7 @@ class SdxlFamily:
         """
         self.fast_paths.prepare(phases)
         width, height = self.warm_up_size
-        embed_prompts(
-            self.text2img, "a (warm:1.1) up", "warm-up", weighting=True, clip_skip=0
-        )  # Compel's first call
+        self.prompts.embed("a (warm:1.1) up", "warm-up", weighting=True, clip_skip=0)  # Compel's first call
         with torch.inference_mode():
             image = self.text2img("warm-up", width=width, height=height, num_inference_steps=2).images[0]
             self.img2img("warm-up", image=image, strength=0.5, num_inference_steps=2)
@@ -168,8 +167,12 @@ class SdxlFamily:
 
         pipe = self.text2img if reference is None else self.img2img
         pipe.scheduler = scheduler_for(plan.scheduler, self.scheduler_config)  # a fresh one every job
-        prompts = embed_prompts(
-            pipe, plan.prompt, plan.negative_prompt, weighting=plan.prompt_weighting, clip_skip=plan.clip_skip
+        prompts = self.prompts.embed(
+            plan.prompt,
+            plan.negative_prompt,
+            weighting=plan.prompt_weighting,
+            clip_skip=plan.clip_skip,
+            weights_key=self.merged.key,
         )
         common: dict[str, Any] = {
             **prompts.as_kwargs(),

@@ -113,24 +113,49 @@ class _Pipe:
     text_encoder_2: _Encoder
 
 
-def embed_prompts(
-    pipe: Any, prompt: str, negative_prompt: str | None, *, weighting: bool, clip_skip: int
-) -> PromptEmbeddings:
-    """Both prompts' embeddings, chunked past 77 tokens, weighted unless ``weighting`` is off."""
-    rewrite = compel_syntax if weighting else (lambda text: _SYNTAX.sub(r"\\\1", text))
-    prompt = rewrite(prompt)
-    negative_prompt = None if negative_prompt is None else rewrite(negative_prompt)
-    shim = _Pipe(
-        pipe.tokenizer,
-        _Encoder(pipe.text_encoder, clip_skip),
-        pipe.tokenizer_2,
-        _Encoder(pipe.text_encoder_2, clip_skip),
-    )
-    compel = CompelForSDXL(
-        shim, device=pipe.text_encoder.device
-    )  # per job: its empty-prompt cache follows LoRAs
-    with torch.inference_mode():
-        result = compel(prompt, negative_prompt=negative_prompt)
-    return PromptEmbeddings(
-        result.embeds, result.pooled_embeds, result.negative_embeds, result.negative_pooled_embeds
-    )
+class PromptEncoder:
+    """Both prompts' embeddings through Compel over one pipeline's text encoders (the img2img
+    pipeline shares them).
+
+    Compel embeds the empty prompt once per instance and weights every chunk with weights from it:
+    one instance per clip skip is kept while the encoders' weights stay (``weights_key``: the
+    LoRAs merged into them), so only the first weighted job after a change pays for it.
+    """
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self.weights_key: object = ()
+        self._compels: dict[int, CompelForSDXL] = {}
+
+    def _compel(self, clip_skip: int, weights_key: object) -> CompelForSDXL:
+        if weights_key != self.weights_key:
+            self._compels, self.weights_key = {}, weights_key
+        if clip_skip not in self._compels:
+            pipe = self.pipe
+            shim = _Pipe(
+                pipe.tokenizer,
+                _Encoder(pipe.text_encoder, clip_skip),
+                pipe.tokenizer_2,
+                _Encoder(pipe.text_encoder_2, clip_skip),
+            )
+            self._compels[clip_skip] = CompelForSDXL(shim, device=pipe.text_encoder.device)
+        return self._compels[clip_skip]
+
+    def embed(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        *,
+        weighting: bool,
+        clip_skip: int,
+        weights_key: object = (),
+    ) -> PromptEmbeddings:
+        """Both prompts' embeddings, chunked past 77 tokens, weighted unless ``weighting`` is off."""
+        rewrite = compel_syntax if weighting else (lambda text: _SYNTAX.sub(r"\\\1", text))
+        prompt = rewrite(prompt)
+        negative_prompt = None if negative_prompt is None else rewrite(negative_prompt)
+        with torch.inference_mode():
+            result = self._compel(clip_skip, weights_key)(prompt, negative_prompt=negative_prompt)
+        return PromptEmbeddings(
+            result.embeds, result.pooled_embeds, result.negative_embeds, result.negative_pooled_embeds
+        )
