@@ -206,6 +206,10 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         summary["cold_start_s"] = cached["startup"]["process_to_ready_s"]
         if "process_to_every_family_s" in cached["startup"]:
             summary["cold_start_every_family_s"] = cached["startup"]["process_to_every_family_s"]
+    cold = results.get("cold", {})
+    if cold.get("startup"):
+        summary["cold_start_cold_disk_s"] = cold["startup"]["process_to_ready_s"]
+        summary["cold_start_cold_disk_prefetch_s"] = cold["startup"].get("prefetch_s")
     background = results.get("background", {})
     if background.get("startup"):
         summary["cold_start_no_cache_ready_s"] = background["startup"]["process_to_ready_s"]

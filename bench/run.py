@@ -16,6 +16,8 @@ own process and writes ``results.json`` plus a table:
   inductor directory, as on a new machine): cold start, then one SDXL job.
 - jobs are the names in bench/figures.py, and ``enhance_256``: prompt enhancement's LLM against plain
   ``generate`` (``WORKER_MODELS`` with ``prompt``, ``--build ...,prompt``).
+- ``cold``: like ``cached``, the models' and packages' files dropped from the page cache first
+  (``bench/page_cache.py``): a start on a new machine, whose disk has not been read yet.
 - ``background``: like ``worker`` with ``COMPILE=auto``: ready before the packages, which compile
   in the background while the first job runs again and again (bench/background.py).
 - ``profile``: like ``cached``, then each job once under ``bench/gpu_profile.py`` (where its GPU time
@@ -376,7 +378,12 @@ def main() -> None:
             env["COMPILE"] = "off"
         if phase == "worker":  # compiles every package before it is ready (the first start's cost)
             env.setdefault("COMPILE", "wait")
-        phase_jobs = args.cached_jobs.split(",") if phase in ("cached", "profile") else jobs
+        phase_jobs = args.cached_jobs.split(",") if phase in ("cached", "cold", "profile") else jobs
+        if phase == "cold":  # like cached, on a new machine: nothing of the disk in memory
+            from bench.page_cache import evict
+
+            gib = evict([args.models, Path(worker_env["COMPILE_CACHE_DIR"])]) / 2**30
+            print(f"cold: {gib:.1f} GiB of models and packages dropped from the page cache", flush=True)
         if phase in ("worker", "background"):  # an empty cache: a new machine
             import shutil
 

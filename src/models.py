@@ -16,6 +16,19 @@ TINY_SUBDIR = "tiny"
 DEFINITION_FILE = ".tiny-definition"  # the digest of the tiny models' source they were built from
 
 
+def family_dir_names(family: str, settings: Settings) -> list[str]:
+    """The directories under MODELS_DIR (or MODELS_DIR/tiny) that the family ``family`` loads."""
+    if family == "wan":
+        return ["wan-t2v", "wan-vace", *(["wan-turbo"] if settings.wan_turbo else [])]
+    return [family]
+
+
+def family_dirs(family: str, settings: Settings) -> list[Path]:
+    """Where the family's directories are for MODEL_PROFILE (they may not exist yet)."""
+    root = settings.models_dir if settings.model_profile == "full" else settings.models_dir / TINY_SUBDIR
+    return [root / name for name in family_dir_names(family, settings)]
+
+
 def device_map_kwargs(device: str) -> dict[str, str]:
     """``from_pretrained`` arguments that load weights straight onto the GPU (diffusers' and
     transformers' ``device_map``) instead of into CPU memory first; none elsewhere."""

@@ -19,6 +19,7 @@ from src.joblog import JobLog, preview, redact
 from src.late_families import FamilyUnavailableError, LateFamilies
 from src.media.assets import Generation, store_generation
 from src.media.storage import JobObjects, Storage, build_storage, is_outage
+from src.prefetch import WeightPrefetch
 from src.progress import Progress, Sender, runpod_sender
 from src.prompt.enhance import ENHANCED_TYPES, Enhancement, enhance, wants_enhancement
 from src.settings import Settings
@@ -252,12 +253,14 @@ def _raw_job_id(job: Any) -> str | None:
 def start_worker(settings: Settings) -> Worker:
     """Build storage, load and warm the families the worker is ready with (READY_AFTER), and start
     loading the others behind it: everything done once at start."""
+    now, later = ready_order(settings)
+    prefetch = WeightPrefetch.start_for(settings, now)  # their weights, read while they import
     configure_cuda_allocator()
     storage = build_storage(settings)
     if settings.compile != "off" and (problem := settings.compile_cache_problem()):
         log.warning(problem)
-    now, later = ready_order(settings)
     families, startup = load_families(settings, now)
+    startup.update(prefetch.record())
     # What start-up built lives as long as the worker: frozen, the cyclic garbage collector stops
     # rescanning it (a full pass took 0.35 s on the tiny models), so it collects each job's cycles
     # (Compel's prompt parser leaves ~2 MB of them) promptly, in milliseconds.

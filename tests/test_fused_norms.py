@@ -107,5 +107,6 @@ def test_other_calls_run_the_norms_own_forward() -> None:
     runner = FusedRmsNorm(norm)
     assert runner.serves(torch.ones(1, HIDDEN))
     assert not runner.serves(torch.ones(1, HIDDEN + 1))
+    assert not runner.serves(torch.ones(1, HIDDEN, dtype=torch.float64))  # the weight is float32
     assert not runner.serves(torch.ones(1, HIDDEN), torch.ones(1))
     assert not runner.serves(hidden_states="text")

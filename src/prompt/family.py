@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from src.fast_path import FastPaths
-from src.models import device_map_kwargs, model_dirs
+from src.models import device_map_kwargs, family_dir_names, model_dirs
 from src.prompt.decode import GraphedDecodeStep, GreedyDecoder
 from src.prompt.enhance import PromptTooLongError
 from src.settings import Settings
@@ -55,7 +55,8 @@ class PromptFamily:
         """Load the tokenizer and the model (bf16 on CUDA, fp32 on CPU) from MODELS_DIR/prompt."""
         from src.prompt.tiny import build_tiny_prompt
 
-        (path,) = model_dirs(settings, ["prompt"], build_tiny_prompt, HINT, marker="config.json")
+        names = family_dir_names("prompt", settings)
+        (path,) = model_dirs(settings, names, build_tiny_prompt, HINT, marker="config.json")
         device = settings.torch_device
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         log.info("loading the prompt LLM from %s on %s (%s)", path, device, dtype)

@@ -33,12 +33,13 @@ class FusedRmsNorm:
         self.eps: float = norm.variance_epsilon
 
     def serves(self, hidden_states: object = None, *args: object, **kwargs: object) -> bool:
-        """True for the module's call: one tensor whose last dimension is the weight's."""
+        """True for the module's call: one tensor of the weight's dtype, its last dimension the weight's."""
         return (
             not args
             and not kwargs
             and isinstance(hidden_states, torch.Tensor)
             and hidden_states.shape[-1:] == self.weight.shape
+            and hidden_states.dtype == self.weight.dtype
         )
 
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from src.loras.files import LoraFiles
 from src.media.assets import GeneratedImage, Generation
 from src.media.images import fit_cover, size_for_aspect, to_uint8
 from src.media.reference import FetchLimits, fetch_reference
-from src.models import device_map_kwargs, model_dirs
+from src.models import device_map_kwargs, family_dir_names, model_dirs
 from src.progress import Progress
 from src.sdxl.compiled_unet import CompiledUnet
 from src.sdxl.compiled_vae import CompiledVaeDecode
@@ -71,7 +71,7 @@ class SdxlFamily:
         """Load the weights once; the img2img pipeline shares every component."""
         from src.sdxl.tiny import build_tiny_sdxl
 
-        (path,) = model_dirs(settings, ["sdxl"], build_tiny_sdxl)
+        (path,) = model_dirs(settings, family_dir_names("sdxl", settings), build_tiny_sdxl)
         device = settings.torch_device
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         log.info("loading SDXL from %s on %s (%s)", path, device, dtype)

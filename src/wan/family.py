@@ -28,7 +28,7 @@ from src.loras.files import LoraFiles
 from src.media.assets import GeneratedImage, GeneratedVideo, Generation
 from src.media.images import to_uint8
 from src.media.reference import FetchLimits, fetch_reference
-from src.models import device_map_kwargs, model_dirs
+from src.models import device_map_kwargs, family_dir_names, model_dirs
 from src.progress import Progress
 from src.settings import Settings
 from src.timing import Phases
@@ -111,7 +111,7 @@ class WanFamily:
         """Load T2V, then VACE's and turbo's transformers only: encoder, tokenizer and VAE are shared."""
         from src.wan.tiny import build_tiny_wan
 
-        names = ["wan-t2v", "wan-vace", *(["wan-turbo"] if settings.wan_turbo else [])]
+        names = family_dir_names("wan", settings)
         t2v_dir, vace_dir, *turbo_dir = model_dirs(settings, names, build_tiny_wan, TURBO_HINT)
         device = settings.torch_device
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

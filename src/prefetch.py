@@ -1,0 +1,106 @@
+"""The weights of the families a worker is ready with, read into the page cache while Python imports.
+
+On a new machine the weight files are on a cold disk or a network volume, and a family's load
+would start reading them only after the imports it needs (diffusers, transformers: 5-6 s). A
+thread reads them from the start of ``start_worker`` instead, so the loads find them in memory.
+Reading waits on the disk, not on the interpreter: the imports run as fast beside it
+(docs/PERFORMANCE.md). It reads at most half the memory available at start, so that what it read
+is not evicted before the load uses it (the container's limit counts), and it stops quietly at an
+unreadable file (the load then reports it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from src.models import family_dirs
+from src.settings import Settings
+from src.timing import Phases
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 16 << 20
+WEIGHT_SUFFIX = ".safetensors"  # what from_pretrained reads (configs and tokenizers are small)
+
+
+def weight_files(settings: Settings, families: list[str]) -> list[Path]:
+    """The weight files of ``families``, family by family (those that exist)."""
+    return [
+        path
+        for family in families
+        for directory in family_dirs(family, settings)
+        for path in sorted(directory.rglob(f"*{WEIGHT_SUFFIX}"))
+        if path.is_file()
+    ]
+
+
+# The container's memory limit and use: cgroup v2, then v1 (absent or "max": no limit).
+CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+
+
+def available_bytes() -> int | None:
+    """The memory the page cache could hold without evicting what the worker reads: the machine's
+    ``MemAvailable``, or less where the container's memory limit leaves less; None where unknown."""
+    figures = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                figures.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in CGROUP_FILES:
+        try:
+            limit, usage = (int(Path(name).read_text()) for name in (limit_file, usage_file))
+        except (OSError, ValueError):  # no such cgroup file, or "max"
+            continue
+        figures.append(max(limit - usage, 0))
+        break
+    return min(figures) if figures else None
+
+
+class WeightPrefetch:
+    """Reads ``files`` in a thread, up to ``budget`` bytes (None: all)."""
+
+    def __init__(self, files: list[Path], budget: int | None) -> None:
+        self.files = files
+        self.budget = budget
+        self.bytes_read = 0
+        self.phases = Phases()
+        self._thread = threading.Thread(target=self._read_all, name="weight-prefetch", daemon=True)
+
+    @classmethod
+    def start_for(cls, settings: Settings, families: list[str]) -> WeightPrefetch:
+        """Start reading the weights of ``families`` (half the available memory at most)."""
+        available = available_bytes()
+        prefetch = cls(weight_files(settings, families), None if available is None else available // 2)
+        prefetch._thread.start()
+        return prefetch
+
+    def _read_all(self) -> None:
+        buffer = memoryview(bytearray(CHUNK_BYTES))
+        with self.phases.phase("prefetch"):
+            for path in self.files:
+                try:
+                    with path.open("rb", buffering=0) as file:
+                        while self.budget is None or self.bytes_read < self.budget:
+                            count = file.readinto(buffer)
+                            if not count:
+                                break
+                            self.bytes_read += count
+                except OSError as err:
+                    log.warning("weight prefetch stopped at %s (%s)", path, err)
+                    return
+                if self.budget is not None and self.bytes_read >= self.budget:
+                    log.info("weight prefetch: stopped at half the available memory")
+                    return
+
+    def record(self) -> dict[str, Any]:
+        """For the start-up record (once the reading is over): the bytes read and how long it took."""
+        self._thread.join()
+        return {"prefetch_bytes": self.bytes_read, "prefetch_s": self.phases.seconds.get("prefetch", 0.0)}

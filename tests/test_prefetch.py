@@ -1,0 +1,128 @@
+"""The weight prefetch at start-up: which files it reads (the ready families' weights, nothing
+else), its memory budget, a file gone before it is read, and the start-up record."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import psutil
+import pytest
+
+from src import prefetch as prefetch_module
+from src.families import ready_order
+from src.models import TINY_SUBDIR
+from src.prefetch import CHUNK_BYTES, WeightPrefetch, available_bytes, weight_files
+from src.settings import Settings
+from src.worker import Worker, start_worker
+from tests.conftest import TEST_MODELS_DIR, tiny_settings
+
+MB = 1 << 20
+
+
+def layout(root: Path) -> dict[str, int]:
+    """A full-profile MODELS_DIR of random files: relative path -> size."""
+    files = {
+        "sdxl/model_index.json": 300,
+        "sdxl/unet/diffusion_pytorch_model.safetensors": 3 * MB + 5,
+        "sdxl/text_encoder/model.safetensors": MB,
+        "sdxl/tokenizer/vocab.json": 2000,
+        "wan-t2v/transformer/diffusion_pytorch_model-00001-of-00002.safetensors": MB,
+        "wan-t2v/transformer/diffusion_pytorch_model-00002-of-00002.safetensors": MB,
+        "wan-vace/transformer/diffusion_pytorch_model.safetensors": MB,
+        "wan-turbo/transformer/diffusion_pytorch_model.safetensors": MB,
+        "prompt/model.safetensors": 2 * MB,
+    }
+    for name, size in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(size))
+    return files
+
+
+def full_settings(root: Path, families: str, **values: object) -> Settings:
+    storage = root / "storage"
+    return Settings(
+        models_dir=root, model_profile="full", worker_models=families, local_storage_dir=storage, **values
+    )
+
+
+def test_the_ready_familys_weights_are_read_and_nothing_else(tmp_path: Path) -> None:
+    files = layout(tmp_path)
+    settings = full_settings(tmp_path, "sdxl,wan,prompt")
+    now, later = ready_order(settings)
+    assert (now, later) == (["sdxl"], ["wan", "prompt"])
+    prefetch = WeightPrefetch.start_for(settings, now)
+    record = prefetch.record()
+    sdxl_weights = sorted(n for n in files if n.startswith("sdxl/") and n.endswith(".safetensors"))
+    assert [str(path.relative_to(tmp_path)) for path in prefetch.files] == sdxl_weights
+    assert prefetch.bytes_read == sum(files[name] for name in sdxl_weights)
+    assert record == {"prefetch_bytes": prefetch.bytes_read, "prefetch_s": record["prefetch_s"]}
+    assert record["prefetch_s"] >= 0
+
+
+def test_each_family_reads_its_own_directories(tmp_path: Path) -> None:
+    files = layout(tmp_path)
+    wan = weight_files(full_settings(tmp_path, "wan", wan_turbo=False), ["wan"])
+    assert [str(path.relative_to(tmp_path)) for path in wan] == [
+        name for name in files if name.startswith(("wan-t2v/", "wan-vace/"))
+    ]
+    turbo = weight_files(full_settings(tmp_path, "wan", wan_turbo=True), ["wan"])
+    assert turbo == [*wan, tmp_path / "wan-turbo/transformer/diffusion_pytorch_model.safetensors"]
+    prompt = weight_files(full_settings(tmp_path, "sdxl,prompt"), ["prompt"])
+    assert prompt == [tmp_path / "prompt/model.safetensors"]
+    assert weight_files(full_settings(tmp_path / "none", "sdxl"), ["sdxl"]) == []  # none there: none read
+
+
+def test_reading_stops_at_the_budget(tmp_path: Path) -> None:
+    layout(tmp_path)
+    files = weight_files(full_settings(tmp_path, "sdxl"), ["sdxl"])
+    prefetch = WeightPrefetch(files, budget=MB // 2)
+    prefetch._thread.start()
+    prefetch.record()
+    assert CHUNK_BYTES > MB  # so one read took the whole first file, over the budget:
+    assert prefetch.bytes_read == MB  # the next file (the UNet's) was not read
+
+
+def test_a_file_gone_before_it_is_read_stops_the_prefetch_quietly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = layout(tmp_path)
+    gone = tmp_path / "sdxl/unet/gone.safetensors"
+    prefetch = WeightPrefetch([tmp_path / "sdxl/text_encoder/model.safetensors", gone], budget=None)
+    with caplog.at_level(logging.WARNING):
+        prefetch._thread.start()
+        record = prefetch.record()
+    assert prefetch.bytes_read == files["sdxl/text_encoder/model.safetensors"]
+    assert record["prefetch_bytes"] == prefetch.bytes_read
+    assert f"weight prefetch stopped at {gone}" in caplog.text
+
+
+def test_a_worker_reads_its_weights_at_start_and_records_them(
+    s3_endpoint: str, sdxl_worker: Worker, tmp_path: Path
+) -> None:
+    """A worker with baked weights (MODEL_PROFILE=full: the tiny SDXL, linked in) reads every
+    weight file of SDXL once at start and says so in its start-up record."""
+    (tmp_path / "sdxl").symlink_to(TEST_MODELS_DIR / TINY_SUBDIR / "sdxl", target_is_directory=True)
+    baked = tiny_settings(s3_endpoint, ["sdxl"], models_dir=tmp_path, model_profile="full")
+    worker = start_worker(baked)
+    sizes = [path.stat().st_size for path in (tmp_path / "sdxl").rglob("*.safetensors")]
+    assert len(sizes) == 4  # the UNet, the VAE, both text encoders
+    assert worker.startup["prefetch_bytes"] == sum(sizes) and worker.startup["prefetch_s"] >= 0
+
+
+def test_the_budget_is_the_memory_available_to_the_container(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Half of what the page cache could hold: the machine's available memory, or what the
+    container's memory limit leaves when that is less (cgroup v2 files here, written by the test)."""
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    monkeypatch.setattr(prefetch_module, "CGROUP_FILES", ((str(limit), str(usage)),))
+    limit.write_text("max\n")
+    usage.write_text(f"{5 << 30}\n")
+    machine = psutil.virtual_memory().available  # MemAvailable, read independently
+    assert available_bytes() == pytest.approx(machine, rel=0.05)
+    limit.write_text(f"{3 << 30}\n")
+    usage.write_text(f"{1 << 30}\n")
+    assert available_bytes() == 2 << 30  # the limit leaves less than the machine has
