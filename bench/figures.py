@@ -1,7 +1,10 @@
-"""The benchmark's jobs (payloads, the LoRAs some use), their compute floors, and the summary table."""
+"""The benchmark's jobs (payloads, the LoRAs and reference image some use), their compute floors,
+and the summary table."""
 
 from __future__ import annotations
 
+import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -193,6 +196,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         weighted, plain_prompt = get["sdxl_high_1_weighted"]["worker_s"], get["sdxl_high_1"]["worker_s"]
         summary["sdxl_weighted_overhead"] = round(weighted / plain_prompt, 3)
         summary["sdxl_weighted_extra_s"] = round(weighted - plain_prompt, 3)
+        summary.update(weighted_embedding(cached or worker))
     enhance = (cached or worker).get(f"enhance_{ENHANCE_TOKENS}")
     if enhance:
         summary[f"enhance_{ENHANCE_TOKENS}_tokens_s"] = enhance["s"]
@@ -241,3 +245,43 @@ def print_table(summary: dict[str, Any]) -> None:
     for key in ("cold_start_no_cache", "cold_start_cached"):
         if key in summary:
             print(f"{key}: {summary[key]}")
+
+
+def reference_png(path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (30, 52, 3), dtype=np.uint8)
+    Image.fromarray(base).resize(WAN_SIZE, Image.Resampling.BICUBIC).save(path)
+
+
+def serve(directory: Path) -> str:
+    """A static file server on 127.0.0.1 (reference images for reference-mode jobs)."""
+    import functools
+    import http.server
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    handler.log_message = lambda *a, **k: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def weighted_embedding(phase: dict[str, Any]) -> dict[str, Any]:
+    """What weighting adds where it acts, the prompts' embedding (``embed_s`` of each run): each
+    job's median embedding time, and the weighted one's extra as a share of the median unweighted
+    job (the jobs' totals vary more than that from run to run)."""
+    weighted, plain = phase.get("sdxl_high_1_weighted", {}), phase.get("sdxl_high_1", {})
+    if "embed_runs" not in weighted or "embed_runs" not in plain:
+        return {}
+    embed_weighted, embed_plain = (
+        statistics.median(sum(run) for run in job["embed_runs"]) for job in (weighted, plain)
+    )
+    return {
+        "sdxl_embed_s": round(embed_plain, 4),
+        "sdxl_weighted_embed_s": round(embed_weighted, 4),
+        "sdxl_weighted_embed_extra_share": round(
+            (embed_weighted - embed_plain) / statistics.median(plain["runs"]), 4
+        ),
+    }

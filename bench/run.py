@@ -37,7 +37,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,8 @@ from bench.figures import (
     bench_loras,
     payload,
     print_table,
+    reference_png,
+    serve,
     summarise,
 )
 
@@ -61,27 +62,6 @@ from bench.figures import (
 # ---------------------------------------------------------------- helpers
 def _gib(value: int) -> float:
     return round(value / 2**30, 2)
-
-
-def _reference_png(path: Path) -> None:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 255, (30, 52, 3), dtype=np.uint8)
-    Image.fromarray(base).resize(WAN_SIZE, Image.Resampling.BICUBIC).save(path)
-
-
-def _serve(directory: Path) -> str:
-    """A static file server on 127.0.0.1 (reference images for reference-mode jobs)."""
-    import functools
-    import http.server
-
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
-    handler.log_message = lambda *a, **k: None  # type: ignore[method-assign]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}"
 
 
 def timed(fn, *args: Any, **kwargs: Any) -> tuple[Any, float]:
@@ -238,7 +218,7 @@ def phase_worker(
         out[f"enhance_{ENHANCE_TOKENS}"] = bench_enhance(worker, timed)
         jobs = [job for job in jobs if job != f"enhance_{ENHANCE_TOKENS}"]
     generate_s: list[float] = []
-    spans: dict[str, list[float]] = {"lora_use_s": [], "vae_decode_s": []}  # this job's calls
+    spans: dict[str, list[float]] = {"lora_use_s": [], "vae_decode_s": [], "embed_s": []}  # this job's calls
 
     def timing(call: Any, key: str) -> Any:
         def timed_call(*args: Any, **kwargs: Any) -> Any:
@@ -255,12 +235,14 @@ def phase_worker(
             each.use = timing(each.use, "lora_use_s")  # type: ignore[method-assign]
         if family.name == "wan":
             family.text2video.vae.decode = timing(family.text2video.vae.decode, "vae_decode_s")
+        if family.name == "sdxl":  # the prompts' embedding: what prompt weighting adds to
+            family.prompts.embed = timing(family.prompts.embed, "embed_s")
     spans["generate"] = generate_s
 
     tmp = Path(os.environ.get("BENCH_TMP", "/tmp/bench-tmp"))
     tmp.mkdir(parents=True, exist_ok=True)
-    _reference_png(tmp / "reference.png")
-    reference_url = _serve(tmp) + "/reference.png"
+    reference_png(tmp / "reference.png")
+    reference_url = serve(tmp) + "/reference.png"
     for name in jobs:
         runs = []
         for _ in range(repeats if (name in SDXL_JOBS or name == "video_turbo") and not profile_steps else 1):
@@ -284,8 +266,9 @@ def phase_worker(
             )
         best = min(runs, key=lambda r: r["s"])
         out[name] = {**best, "first_s": runs[0]["s"], "runs": [r["s"] for r in runs]}
-        if "lora_use_s" in runs[0]:  # the first run applies the LoRAs; the next ones find them merged
-            out[name]["lora_use_runs"] = [r.get("lora_use_s") for r in runs]
+        for key in ("lora_use_s", "embed_s"):  # lora_use_s: the first run merges, the next find them merged
+            if key in runs[0]:
+                out[name][key.replace("_s", "_runs")] = [r[key] for r in runs]
         print(f"worker {name}: {out[name]}", flush=True)
         if profile_steps:
             from bench.gpu_profile import profiled
