@@ -243,11 +243,14 @@ def phase_worker(
     tmp.mkdir(parents=True, exist_ok=True)
     reference_png(tmp / "reference.png")
     reference_url = serve(tmp) + "/reference.png"
+    from src.sdxl.prompts import parse  # after ready: the worker's imports are timed as its own
+
     for name in jobs:
         runs = []
         for _ in range(repeats if (name in SDXL_JOBS or name == "video_turbo") and not profile_steps else 1):
             for values in spans.values():
                 values.clear()
+            parse.cache_clear()  # every run parses its prompts, as a job with a new prompt does
             torch.cuda.reset_peak_memory_stats()
             started = time.perf_counter()
             result = worker.handle(payload(name, reference_url, profile_steps))

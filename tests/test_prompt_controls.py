@@ -11,12 +11,14 @@ from typing import Any
 
 import pytest
 import torch
+from compel import Compel, CompelForSDXL
+from compel.prompt_parser import PromptParser
 from diffusers import WanPipeline
 from PIL import Image
 
 from src.fast_path import route
 from src.sdxl.graphed_encoders import GraphedTextEncoder
-from src.sdxl.prompts import PromptEncoder
+from src.sdxl.prompts import PromptEncoder, compel_syntax, parse
 from src.sdxl.schedulers import SCHEDULERS
 from src.wan.plan import DEFAULT_NEGATIVE_PROMPT
 from src.worker import Worker
@@ -89,6 +91,32 @@ def test_the_empty_prompt_is_embedded_once_per_encoder_weights_and_clip_skip(
         hook.remove()
 
 
+def test_each_prompt_is_parsed_once_as_compel_parses_it(
+    pipe: Any, encoder: PromptEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compel parses each prompt once per text encoder, building its grammar each time: here each
+    distinct prompt is parsed once, a prompt parsed lately not again, into what Compel's own
+    parse gives, and the embeddings are Compel's own on the pipeline."""
+    parse.cache_clear()
+    parsed: list[str] = []
+    real = PromptParser.parse_conjunction
+    monkeypatch.setattr(
+        PromptParser, "parse_conjunction", lambda self, text: parsed.append(text) or real(self, text)
+    )
+    prompt, negative = "a (red:1.3) fox", "blurry, low quality-"
+    ours = encoder.embed(prompt, negative, weighting=True, clip_skip=0)
+    assert parsed == [compel_syntax(prompt), negative]  # once each, for both encoders
+    encoder.embed("a blue fox", negative, weighting=True, clip_skip=0)
+    assert parsed[2:] == ["a blue fox"]  # the negative prompt was parsed before
+    for text in (compel_syntax(prompt), negative, "a (big red)++ fox", "a cat.and(a dog)"):
+        assert repr(parse(text)) == repr(Compel.parse_prompt_string(text))
+    with torch.inference_mode():
+        compels = CompelForSDXL(pipe)(compel_syntax(prompt), negative_prompt=negative)
+    torch.testing.assert_close(ours.embeds, compels.embeds, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.negative, compels.negative_embeds, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.pooled, compels.pooled_embeds, rtol=1e-6, atol=1e-6)
+
+
 def test_changed_encoder_weights_get_their_own_empty_prompt(pipe: Any, encoder: PromptEncoder) -> None:
     """Weights changed in place (as a merged LoRA changes them) under a new ``weights_key``: the same
     embeddings as a new encoder's; under the old key, an encoder would weight from the stale
@@ -129,10 +157,6 @@ def test_changed_encoder_weights_get_their_own_empty_prompt(pipe: Any, encoder: 
     ],
 )
 def test_a1111_and_compel_weighting_read_as_their_users_mean(a1111: str, weights: dict[str, float]) -> None:
-    from compel.prompt_parser import PromptParser
-
-    from src.sdxl.prompts import compel_syntax
-
     (prompt,) = PromptParser().parse_conjunction(compel_syntax(a1111)).prompts
     parsed = {fragment.text: fragment.weight for fragment in prompt.children}
     assert {text: pytest.approx(weight) for text, weight in weights.items()}.items() <= parsed.items()

@@ -9,14 +9,15 @@ parses the prompt; ``\(`` and ``\)`` stay literal.
 Compel (``CompelForSDXL``: both text encoders, the pooled embedding of the second) calls each
 encoder through ``_Encoder``, which answers with the pipeline's own call, ``(1, 77)`` ids with
 hidden states, so the CUDA-graphed text encoders serve every chunk; a chunk with masked (down-
-weighted) tokens runs the eager encoder. Clip skip drops the last hidden states before Compel takes
+weighted) tokens has its own graph. Clip skip drops the last hidden states before Compel takes
 the penultimate one: ``hidden_states[-(clip_skip + 2)]``, as diffusers' ``clip_skip`` does. With
 weighting off, Compel's syntax characters are escaped: the prompt is read literally, still in
-chunks. Compel's parser runs with pyparsing's packrat memoisation.
+chunks. Compel's parser runs with pyparsing's packrat memoisation, once per distinct prompt (``parse``).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +25,12 @@ from typing import Any
 import pyparsing
 import torch
 from compel import CompelForSDXL
+from compel.prompt_parser import Conjunction, PromptParser
 
 # Compel's prompt grammar backtracks; pyparsing's packrat memoisation (unbounded: the cache is
 # emptied at each parse) halves the parse time of each prompt (docs/PERFORMANCE.md).
 pyparsing.ParserElement.enable_packrat(None)
+_PARSER = PromptParser()
 
 _SYNTAX = re.compile(r"([()\[\]:+\-\\])")  # what Compel's parser reads as weighting
 _ESCAPED = re.compile(r"\\[()\[\]]")
@@ -56,6 +59,15 @@ def compel_syntax(prompt: str) -> str:
     while _ATOM.search(prompt):
         prompt = _ATOM.sub(lambda m: atoms[int(m.group(1))], prompt)
     return prompt
+
+
+@functools.lru_cache(maxsize=256)
+def parse(text: str) -> Conjunction:
+    """Compel's parse of ``text`` (Compel only reads it), once per distinct text. Compel itself
+    builds its grammar again for every parse and parses each prompt once per text encoder; here a
+    job parses each of its prompts once, and a prompt seen lately (a platform's fixed negative
+    prompt) not at all."""
+    return _PARSER.parse_conjunction(text)
 
 
 @dataclass(frozen=True)
@@ -138,7 +150,10 @@ class PromptEncoder:
                 pipe.tokenizer_2,
                 _Encoder(pipe.text_encoder_2, clip_skip),
             )
-            self._compels[clip_skip] = CompelForSDXL(shim, device=pipe.text_encoder.device)
+            compel = CompelForSDXL(shim, device=pipe.text_encoder.device)
+            for each in (compel.compel_1, compel.compel_2):
+                each.parse_prompt_string = parse  # over Compel's classmethod, for this instance
+            self._compels[clip_skip] = compel
         return self._compels[clip_skip]
 
     def embed(
