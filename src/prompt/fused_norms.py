@@ -4,8 +4,9 @@ transformers' ``Qwen2RMSNorm`` (and Llama's, Mistral's, Qwen3's: the same code) 
 float32 in eight kernels: cast, square, mean, add, rsqrt, multiply, cast back, scale. A decode
 step of Qwen2.5-7B runs 57 of them (two per layer and the final one) on a ``(1, 1, 3584)`` row, so
 they are hundreds of kernels of almost no work each in the step's CUDA graph. ``F.rms_norm``
-computes the same in one kernel, scaling before it rounds back to bfloat16 instead of after
-(a difference of bfloat16 rounding).
+computes the same in one kernel on CUDA (PyTorch's fused kernel, pytorch/pytorch#153666, since
+2.9), scaling before it rounds back to bfloat16 instead of after (a difference of bfloat16
+rounding).
 
 A norm class is routed only where its own forward has the shape above (a 1-D ``weight`` and a
 ``variance_epsilon``) and ``F.rms_norm`` gives its output on random rows within ``MAX_RELATIVE_ERROR``:
