@@ -2,7 +2,8 @@
 
 On a new machine the weight files are on a cold disk or a network volume, and a family's load
 would start reading them only after the imports it needs (diffusers, transformers: 5-6 s). A
-thread reads them from the start of ``start_worker`` instead, so the loads find them in memory.
+thread reads them from the start of ``start_worker`` instead, so the loads find them in memory;
+then, behind the ready worker, the weights of the families loaded after it.
 Reading waits on the disk, not on the interpreter: the imports run as fast beside it
 (docs/PERFORMANCE.md). It reads at most half the memory available at start, so that what it read
 is not evicted before the load uses it (the container's limit counts), and it stops quietly at an
@@ -65,42 +66,66 @@ def available_bytes() -> int | None:
 
 
 class WeightPrefetch:
-    """Reads ``files`` in a thread, up to ``budget`` bytes (None: all)."""
+    """Reads ``files`` (the ready families' weights) in a thread, then ``later`` (the families loaded
+    behind the ready worker), up to ``budget`` bytes in all (None: no limit)."""
 
-    def __init__(self, files: list[Path], budget: int | None) -> None:
+    def __init__(self, files: list[Path], later: list[Path], budget: int | None) -> None:
         self.files = files
+        self.later = later
         self.budget = budget
         self.bytes_read = 0
+        self.ready_bytes = 0  # of ``files``
         self.phases = Phases()
+        self.files_read = threading.Event()  # set once ``files`` are read, or the reading stopped
         self._thread = threading.Thread(target=self._read_all, name="weight-prefetch", daemon=True)
 
     @classmethod
-    def start_for(cls, settings: Settings, families: list[str]) -> WeightPrefetch:
-        """Start reading the weights of ``families`` (half the available memory at most)."""
+    def start_for(cls, settings: Settings, now: list[str], later: list[str]) -> WeightPrefetch:
+        """Start reading the weights of the families ``now``, then ``later`` (half the available
+        memory at most)."""
         available = available_bytes()
-        prefetch = cls(weight_files(settings, families), None if available is None else available // 2)
-        prefetch._thread.start()
+        budget = None if available is None else available // 2
+        prefetch = cls(weight_files(settings, now), weight_files(settings, later), budget)
+        prefetch.start()
         return prefetch
+
+    def start(self) -> None:
+        self._thread.start()
 
     def _read_all(self) -> None:
         buffer = memoryview(bytearray(CHUNK_BYTES))
-        with self.phases.phase("prefetch"):
-            for path in self.files:
-                try:
-                    with path.open("rb", buffering=0) as file:
-                        while self.budget is None or self.bytes_read < self.budget:
-                            count = file.readinto(buffer)
-                            if not count:
-                                break
-                            self.bytes_read += count
-                except OSError as err:
-                    log.warning("weight prefetch stopped at %s (%s)", path, err)
-                    return
-                if self.budget is not None and self.bytes_read >= self.budget:
-                    log.info("weight prefetch: stopped at half the available memory")
-                    return
+        try:
+            with self.phases.phase("prefetch"):
+                going = self._read(self.files, buffer)
+        finally:
+            self.ready_bytes = self.bytes_read
+            self.files_read.set()
+        if going and self.later:
+            with self.phases.phase("prefetch_later"):
+                self._read(self.later, buffer)
+            later_gib = (self.bytes_read - self.ready_bytes) / 2**30
+            log.info("weight prefetch: %.1f GiB of the later families read", later_gib)
+
+    def _read(self, files: list[Path], buffer: memoryview) -> bool:
+        """Read ``files`` through ``buffer``; False once the reading stopped (the budget, an error)."""
+        for path in files:
+            try:
+                with path.open("rb", buffering=0) as file:
+                    while self.budget is None or self.bytes_read < self.budget:
+                        count = file.readinto(buffer)
+                        if not count:
+                            break
+                        self.bytes_read += count
+            except OSError as err:
+                log.warning("weight prefetch stopped at %s (%s)", path, err)
+                return False
+            if self.budget is not None and self.bytes_read >= self.budget:
+                log.info("weight prefetch: stopped at half the available memory")
+                return False
+        return True
 
     def record(self) -> dict[str, Any]:
-        """For the start-up record (once the reading is over): the bytes read and how long it took."""
-        self._thread.join()
-        return {"prefetch_bytes": self.bytes_read, "prefetch_s": self.phases.seconds.get("prefetch", 0.0)}
+        """For the start-up record, once the ready families' weights are read: their bytes and how
+        long they took (the later families' go on being read behind the ready worker)."""
+        self.files_read.wait()
+        return {"prefetch_bytes": self.ready_bytes, "prefetch_s": self.phases.seconds.get("prefetch", 0.0)}

@@ -254,7 +254,7 @@ def start_worker(settings: Settings) -> Worker:
     """Build storage, load and warm the families the worker is ready with (READY_AFTER), and start
     loading the others behind it: everything done once at start."""
     now, later = ready_order(settings)
-    prefetch = WeightPrefetch.start_for(settings, now)  # their weights, read while they import
+    prefetch = WeightPrefetch.start_for(settings, now, later)  # their weights, read while they import
     configure_cuda_allocator()
     storage = build_storage(settings)
     if settings.compile != "off" and (problem := settings.compile_cache_problem()):

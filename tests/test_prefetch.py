@@ -48,18 +48,26 @@ def full_settings(root: Path, families: str, **values: object) -> Settings:
     )
 
 
-def test_the_ready_familys_weights_are_read_and_nothing_else(tmp_path: Path) -> None:
+def test_the_ready_familys_weights_are_read_first_then_the_later_ones(tmp_path: Path) -> None:
+    """The start-up record counts the ready family's weight files (not its configs); the later
+    families' follow, behind the ready worker."""
     files = layout(tmp_path)
     settings = full_settings(tmp_path, "sdxl,wan,prompt")
     now, later = ready_order(settings)
     assert (now, later) == (["sdxl"], ["wan", "prompt"])
-    prefetch = WeightPrefetch.start_for(settings, now)
+    prefetch = WeightPrefetch.start_for(settings, now, later)
     record = prefetch.record()
     sdxl_weights = sorted(n for n in files if n.startswith("sdxl/") and n.endswith(".safetensors"))
     assert [str(path.relative_to(tmp_path)) for path in prefetch.files] == sdxl_weights
-    assert prefetch.bytes_read == sum(files[name] for name in sdxl_weights)
-    assert record == {"prefetch_bytes": prefetch.bytes_read, "prefetch_s": record["prefetch_s"]}
+    assert record == {
+        "prefetch_bytes": sum(files[name] for name in sdxl_weights),
+        "prefetch_s": record["prefetch_s"],
+    }
     assert record["prefetch_s"] >= 0
+    prefetch._thread.join()
+    weights = [name for name in files if name.endswith(".safetensors")]
+    assert prefetch.bytes_read == sum(files[name] for name in weights)  # wan's (turbo on) and the LLM's too
+    assert sorted(map(str, prefetch.files + prefetch.later)) == sorted(str(tmp_path / n) for n in weights)
 
 
 def test_each_family_reads_its_own_directories(tmp_path: Path) -> None:
@@ -78,11 +86,13 @@ def test_each_family_reads_its_own_directories(tmp_path: Path) -> None:
 def test_reading_stops_at_the_budget(tmp_path: Path) -> None:
     layout(tmp_path)
     files = weight_files(full_settings(tmp_path, "sdxl"), ["sdxl"])
-    prefetch = WeightPrefetch(files, budget=MB // 2)
-    prefetch._thread.start()
+    later = weight_files(full_settings(tmp_path, "wan"), ["wan"])
+    prefetch = WeightPrefetch(files, later, budget=MB // 2)
+    prefetch.start()
     prefetch.record()
+    prefetch._thread.join()
     assert CHUNK_BYTES > MB  # so one read took the whole first file, over the budget:
-    assert prefetch.bytes_read == MB  # the next file (the UNet's) was not read
+    assert prefetch.bytes_read == MB  # the next file (the UNet's) was not read, nor Wan's
 
 
 def test_a_file_gone_before_it_is_read_stops_the_prefetch_quietly(
@@ -90,11 +100,13 @@ def test_a_file_gone_before_it_is_read_stops_the_prefetch_quietly(
 ) -> None:
     files = layout(tmp_path)
     gone = tmp_path / "sdxl/unet/gone.safetensors"
-    prefetch = WeightPrefetch([tmp_path / "sdxl/text_encoder/model.safetensors", gone], budget=None)
+    later = [tmp_path / "prompt/model.safetensors"]
+    prefetch = WeightPrefetch([tmp_path / "sdxl/text_encoder/model.safetensors", gone], later, budget=None)
     with caplog.at_level(logging.WARNING):
-        prefetch._thread.start()
+        prefetch.start()
         record = prefetch.record()
-    assert prefetch.bytes_read == files["sdxl/text_encoder/model.safetensors"]
+        prefetch._thread.join()
+    assert prefetch.bytes_read == files["sdxl/text_encoder/model.safetensors"]  # not the LLM's
     assert record["prefetch_bytes"] == prefetch.bytes_read
     assert f"weight prefetch stopped at {gone}" in caplog.text
 
