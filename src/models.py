@@ -23,10 +23,14 @@ def family_dir_names(family: str, settings: Settings) -> list[str]:
     return [family]
 
 
+def models_root(settings: Settings) -> Path:
+    """Where the model directories are for MODEL_PROFILE: MODELS_DIR, or MODELS_DIR/tiny."""
+    return settings.models_dir if settings.model_profile == "full" else settings.models_dir / TINY_SUBDIR
+
+
 def family_dirs(family: str, settings: Settings) -> list[Path]:
-    """Where the family's directories are for MODEL_PROFILE (they may not exist yet)."""
-    root = settings.models_dir if settings.model_profile == "full" else settings.models_dir / TINY_SUBDIR
-    return [root / name for name in family_dir_names(family, settings)]
+    """The family's directories for MODEL_PROFILE (they may not exist yet)."""
+    return [models_root(settings) / name for name in family_dir_names(family, settings)]
 
 
 def device_map_kwargs(device: str) -> dict[str, str]:
@@ -50,8 +54,9 @@ def model_dirs(
     ``tiny``: missing ones, or ones built from another definition (``tiny_definition``), are built
     by ``build_tiny(*dirs)`` and cached under ``MODELS_DIR/tiny``.
     """
+    root = models_root(settings)
+    dirs = [root / name for name in names]
     if settings.model_profile == "full":
-        dirs = [settings.models_dir / name for name in names]
         for path in dirs:
             if not (path / marker).is_file():
                 hint = (hints or {}).get(path.name, "")
@@ -61,8 +66,6 @@ def model_dirs(
                     f"MODEL_PROFILE=tiny for CPU development{'; ' + hint if hint else ''}"
                 )
         return dirs
-    root = settings.models_dir / TINY_SUBDIR
-    dirs = [root / name for name in names]
     definition = tiny_definition(build_tiny)
     if not all(_built_from(path, definition, marker) for path in dirs):
         try:
