@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from src.families import Family
+from src.job_lock import JobLock
 from src.settings import Settings
 from src.timing import Phases
 
@@ -45,7 +46,7 @@ class BackgroundCompiler:
         self,
         settings: Settings,
         families: list[Family],
-        job_lock: threading.Lock,
+        job_lock: JobLock,
         startup: dict[str, Any],
         resident_gib: dict[str, float],
         ready_at: float,

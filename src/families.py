@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-import threading
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel
 
+from src.job_lock import JobLock
 from src.settings import Settings, StartupError
 from src.timing import Phases
 
@@ -94,7 +94,7 @@ def ready_order(settings: Settings) -> tuple[list[str], list[str]]:
 
 
 def load_families(
-    settings: Settings, names: list[str], warm_up_lock: threading.Lock | None = None
+    settings: Settings, names: list[str], warm_up_lock: JobLock | None = None
 ) -> tuple[list[Family], dict[str, Any]]:
     """Load and warm the families called ``names``, in order; each warm-up under ``warm_up_lock``
     when given (the worker's job lock, for families loaded behind a ready worker).

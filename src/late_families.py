@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from src.families import Family, load_families
+from src.job_lock import JobLock
 from src.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class LateFamilies:
         self,
         settings: Settings,
         names: list[str],
-        job_lock: threading.Lock,
+        job_lock: JobLock,
         startup: dict[str, Any],
         add: Callable[[Family], None],
         then: Callable[[], None],

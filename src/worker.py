@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import threading
 import time
 from typing import Any
 
@@ -15,6 +14,7 @@ from src.callback import completed, failed
 from src.contract import JobError, JobRequest, one_line, parse_request, unknown_keys
 from src.families import Family, ModelFamily, all_job_types, load_families, ready_order
 from src.faults import describe_gpu_fault, is_gpu_fault, release_gpu_memory
+from src.job_lock import JobLock
 from src.joblog import JobLog, preview, redact
 from src.late_families import FamilyUnavailableError, LateFamilies
 from src.media.assets import Generation, store_generation
@@ -52,7 +52,7 @@ class Worker:
         self._llm: Family | None = None
         for family in families:
             self._index(family)
-        self.job_lock = threading.Lock()
+        self.job_lock = JobLock()
         self.ready_at = time.perf_counter()  # what the start-up record's "after ready" times count from
         self.background: BackgroundCompiler | None = None
         self.late: LateFamilies | None = None
