@@ -381,7 +381,7 @@ def test_the_decoder_writes_what_transformers_generate_writes(llm: PromptFamily)
     ``generate`` (dynamic cache, greedy), token for token."""
     ids = llm.chat_ids(SYSTEM_PROMPTS["sdxl"]["text"], "a red fox in the snow")
     mine = llm.decoder(ids, stop_at_end=False).ids
-    assert llm.model.config._attn_implementation == GROUPED_DECODE and llm.decoder.norm_routes
+    assert llm.model.config._attn_implementation == GROUPED_DECODE and llm.decoder.routes
     with llm.decoder.as_shipped(), torch.inference_mode():  # generate as transformers ships it
         norms = [module for module in llm.model.modules() if isinstance(module, Qwen2RMSNorm)]
         assert norms and all("forward" not in vars(norm) for norm in norms)

@@ -8,10 +8,14 @@ and replays it: the same kernels, without launching each from Python, which is w
 
 The model attends through ``grouped_decode_attention`` (registered with transformers'
 ``AttentionInterface``): transformers' SDPA attention, except that a decode step's query heads are
-grouped onto their key/value head. Qwen2.5-7B has 28 query heads over 4 key/value heads, and with
-the static cache's mask transformers' SDPA path repeats each layer's whole cache 7 times per step
-(1.3 GB written and read again per token at 3328 positions) where grouping reads it once. Its
-RMSNorms run as ``F.rms_norm`` (``src/prompt/fused_norms.py``).
+grouped onto their key/value head, and that it attends over the cache's first ``attend_length``
+positions only. Qwen2.5-7B has 28 query heads over 4 key/value heads, and with the static cache's
+mask transformers' SDPA path repeats each layer's whole cache 7 times per step (1.3 GB written and
+read again per token at 3328 positions) where grouping reads it once. A decode step's attention
+takes time in proportion to the positions it reads, masked or not (a fifth of the step at 3328
+positions), so each call attends over the positions the job can fill, rounded up to
+``ATTEND_STEP``, and the step has one graph per such length. Its RMSNorms run as ``F.rms_norm``
+and its MLPs' gate and up projections as one product (``src/prompt/fused_modules.py``).
 """
 
 from __future__ import annotations
@@ -29,13 +33,24 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from src.fast_path import Route, UnavailableError, check_graph_replay, relative_error, route
-from src.prompt.fused_norms import fuse_rms_norms
+from src.prompt.fused_modules import fuse_modules
 from src.timing import Phases
 
 log = logging.getLogger(__name__)
 
 
 GROUPED_DECODE = "sdpa_grouped_decode"  # the attention implementation's name in transformers' registries
+ATTEND_STEP = 256  # calls attend over the cache's first positions, a multiple of this many
+
+
+def attend_lengths(cache_length: int) -> list[int]:
+    """The lengths calls attend over: multiples of ATTEND_STEP below ``cache_length``, and it."""
+    return [*range(ATTEND_STEP, cache_length, ATTEND_STEP), cache_length]
+
+
+def attend_length(positions: int, cache_length: int) -> int:
+    """The shortest of ``attend_lengths(cache_length)`` that holds ``positions`` positions."""
+    return min(length for length in attend_lengths(cache_length) if length >= positions)
 
 
 def grouped_decode_attention(
@@ -46,13 +61,19 @@ def grouped_decode_attention(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    attend_length: int | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' ``sdpa_attention_forward``, except for one query token over grouped key/value
-    heads: there the ``h`` query heads, ``(b, h, 1, d)``, are viewed as ``h / kv`` query rows of
-    each key/value head, ``(b, kv, h / kv, d)`` (query head ``i`` uses key/value head
-    ``i // (h / kv)``, as transformers' ``repeat_kv`` orders them), and the mask broadcasts over
-    the rows. Returns ``(b, 1, h, d)`` as the SDPA path does."""
+    """transformers' ``sdpa_attention_forward`` over the first ``attend_length`` cache positions
+    (all when None; the caller's promise: no later position is unmasked), except for one query
+    token over grouped key/value heads: there the ``h`` query heads, ``(b, h, 1, d)``, are viewed
+    as ``h / kv`` query rows of each key/value head, ``(b, kv, h / kv, d)`` (query head ``i`` uses
+    key/value head ``i // (h / kv)``, as transformers' ``repeat_kv`` orders them), and the mask
+    broadcasts over the rows. Returns ``(b, 1, h, d)`` as the SDPA path does."""
+    if attend_length is not None:
+        key, value = key[:, :, :attend_length], value[:, :, :attend_length]
+        if attention_mask is not None:
+            attention_mask = attention_mask[..., :attend_length]
     groups = getattr(module, "num_key_value_groups", 1)
     batch, heads, length, dim = query.shape
     if length != 1 or groups == 1 or dropout or kwargs.get("position_bias") is not None:
@@ -83,11 +104,12 @@ class GreedyDecoder:
 
     def __init__(self, model: torch.nn.Module, max_input_tokens: int, max_new_tokens: int) -> None:
         model.set_attn_implementation(GROUPED_DECODE)
-        self.norm_routes = fuse_rms_norms(model)
+        self.routes = fuse_modules(model)
         self.model = model
         self.max_input_tokens = max_input_tokens
         self.max_new_tokens = max_new_tokens
-        self.cache = StaticCache(config=model.config, max_cache_len=max_input_tokens + max_new_tokens)
+        self.cache_length = max_input_tokens + max_new_tokens
+        self.cache = StaticCache(config=model.config, max_cache_len=self.cache_length)
         end = model.generation_config.eos_token_id
         self.end_ids = set(end if isinstance(end, list) else [end])
 
@@ -95,13 +117,13 @@ class GreedyDecoder:
     def as_shipped(self) -> Iterator[None]:
         """Within: the model attends (SDPA) and normalises as transformers ships it (baselines)."""
         self.model.set_attn_implementation("sdpa")
-        for installed in self.norm_routes:
+        for installed in self.routes:
             installed.undo()
         try:
             yield
         finally:
             self.model.set_attn_implementation(GROUPED_DECODE)
-            self.norm_routes = fuse_rms_norms(self.model)
+            self.routes = [route(r.module, r.method, r.runner) for r in self.routes]
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, stop_at_end: bool = True, limit: int | None = None) -> Decoded:
@@ -111,12 +133,14 @@ class GreedyDecoder:
         length = ids.shape[1]
         limit = self.max_new_tokens if limit is None else min(limit, self.max_new_tokens)
         device = ids.device
+        attend = attend_length(length + limit, self.cache_length)  # every position this call fills
         self.cache.reset()
         logits = self.model(
             ids,
             past_key_values=self.cache,
             cache_position=torch.arange(length, device=device),
             logits_to_keep=1,
+            attend_length=attend,
         ).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         positions = torch.arange(length, length + limit, device=device)
@@ -129,14 +153,18 @@ class GreedyDecoder:
             if step + 1 == limit:
                 break
             logits = self.model(
-                token, past_key_values=self.cache, cache_position=positions[step : step + 1]
+                token,
+                past_key_values=self.cache,
+                cache_position=positions[step : step + 1],
+                attend_length=attend,
             ).logits
             token = logits[:, -1].argmax(-1, keepdim=True)
         return Decoded(new, cut_off=True)
 
 
 class GraphedDecodeStep:
-    """The decoder's step call (``(1, 1)`` ids, its cache, one position) replayed from a CUDA graph."""
+    """The decoder's step call (``(1, 1)`` ids, its cache, one position, an attend length)
+    replayed from a CUDA graph, one per length of ``attend_lengths`` (``graphs``/``logits``)."""
 
     name = "prompt-decode"
     setting = "CUDA_GRAPHS"
@@ -148,21 +176,23 @@ class GraphedDecodeStep:
         device = self.model.device
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
 
     def prepare(self, phases: Phases) -> list[Route]:
-        """Capture the step after a prefill, check a replay against the eager step, route steps.
+        """Capture the step for each attend length after a prefill, check each replay against the
+        eager step, route steps.
 
-        Raises UnavailableError when capturing fails or the replay disagrees.
+        Raises UnavailableError when capturing fails or a replay disagrees.
         """
         with phases.phase("graphs"):
             self._capture()
-        log.info("%s: decode steps replayed from a CUDA graph", self.name)
+        log.info("%s: decode steps replayed from %d CUDA graphs", self.name, len(self.graphs))
         return [route(self.model, "forward", self)]
 
-    def _call(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        return self.eager(token, past_key_values=self.decoder.cache, cache_position=position).logits
+    def _call(self, token: torch.Tensor, position: torch.Tensor, attend: int) -> torch.Tensor:
+        cache = self.decoder.cache
+        return self.eager(token, past_key_values=cache, cache_position=position, attend_length=attend).logits
 
     def _prefill(self, prompt: torch.Tensor) -> None:
         """An empty cache holding ``prompt``: the state a step's graph and its check start from."""
@@ -172,41 +202,48 @@ class GraphedDecodeStep:
         self.position.fill_(prompt.shape[1])
 
     def _capture(self) -> None:
-        # The cache counts what it holds (a step appends at that count), so the check runs the
-        # eager step and the replay from the same state: the same prompt, then token 7.
+        # Every check runs the eager step and then the replay after one prefill, on token 7 at the
+        # position after the prompt: both write the same key and value (at that position, or past
+        # the cache's count, where the mask hides them) and attend to the same positions.
         prompt = torch.randint(0, self.model.config.vocab_size, (1, 16), device=self.token.device)
+        lengths = attend_lengths(self.decoder.cache_length)
+        graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        error = 0.0
         try:
             with torch.inference_mode():
                 self._prefill(prompt)
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # first-call work (cuBLAS handles) outside the capture
-                    for _ in range(2):
-                        self._call(self.token, self.position)
+                with torch.cuda.stream(side):  # first-call work (cuBLAS handles, SDPA plans) outside
+                    for attend in lengths:
+                        self._call(self.token, self.position, attend)
                 torch.cuda.current_stream().wait_stream(side)
-                self._prefill(prompt)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):  # recorded, not run: the cache is left as it was
-                    self.logits = self._call(self.token, self.position)
+                pool = None  # one memory pool: the graphs never run at the same time
+                for attend in lengths:  # recorded, not run: the cache is left as it was
+                    graphs[attend] = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graphs[attend], pool=pool):
+                        self.logits[attend] = self._call(self.token, self.position, attend)
+                    pool = graphs[attend].pool()
                 self._prefill(prompt)
                 self.token.fill_(7)
-                expected = self._call(self.token, self.position).clone()
-                self._prefill(prompt)
-                graph.replay()
-                error = relative_error(self.logits, expected)
+                for attend, graph in graphs.items():
+                    expected = self._call(self.token, self.position, attend).clone()
+                    graph.replay()
+                    error = max(error, relative_error(self.logits[attend], expected))
                 self.decoder.cache.reset()
         except Exception as err:  # a speed path: the eager step serves without it
             raise UnavailableError(f"not captured in a CUDA graph ({type(err).__name__}: {err})") from None
         check_graph_replay(self.name, error)
-        self.graph = graph
+        self.graphs = graphs
 
     def serves(self, input_ids: Any = None, *args: Any, **kwargs: Any) -> bool:
-        """True for the decoder's step: ``(1, 1)`` ids on the model's device over its cache."""
+        """True for the decoder's step: ``(1, 1)`` ids on the model's device over its cache, at an
+        attend length with a graph."""
         position = kwargs.get("cache_position")
         return (
-            self.graph is not None
-            and not args
-            and set(kwargs) == {"past_key_values", "cache_position"}
+            not args
+            and set(kwargs) == {"past_key_values", "cache_position", "attend_length"}
+            and kwargs["attend_length"] in self.graphs
             and kwargs["past_key_values"] is self.decoder.cache
             and isinstance(input_ids, torch.Tensor)
             and input_ids.shape == self.token.shape
@@ -216,8 +253,9 @@ class GraphedDecodeStep:
         )
 
     def __call__(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
-        """The model's forward for one step, replayed from the graph (its logits only)."""
+        """The model's forward for one step, replayed from its attend length's graph (logits only)."""
+        attend = kwargs["attend_length"]
         self.token.copy_(input_ids)
         self.position.copy_(kwargs["cache_position"])
-        self.graph.replay()
-        return CausalLMOutputWithPast(logits=self.logits.clone(), past_key_values=self.decoder.cache)
+        self.graphs[attend].replay()
+        return CausalLMOutputWithPast(logits=self.logits[attend].clone(), past_key_values=self.decoder.cache)

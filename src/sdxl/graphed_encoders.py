@@ -13,7 +13,6 @@ import logging
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 
 from src.fast_path import Route, UnavailableError, check_graph_replay, relative_error, route
 from src.sdxl import TEXT_TOKENS
@@ -120,4 +119,16 @@ class GraphedTextEncoder:
         self.graphs[masked].replay()
         # The graph writes into the same tensors at every replay: the negative prompt's would
         # overwrite the prompt's embeddings, which the pipeline still holds.
-        return pytree.tree_map(torch.Tensor.clone, self.outputs[masked])
+        return _copy(self.outputs[masked])
+
+
+def _copy(output: Any) -> Any:
+    """A copy of an encoder's output (a ``ModelOutput`` of tensors and a tuple of hidden states),
+    built directly: ``pytree.tree_map`` took about 0.7 ms a call on the H100 host, more than the
+    copies themselves."""
+    return type(output)(
+        **{
+            key: tuple(t.clone() for t in value) if isinstance(value, tuple) else value.clone()
+            for key, value in output.items()
+        }
+    )

@@ -1,5 +1,6 @@
-"""The prompt LLM's RMSNorms as ``F.rms_norm``: against the norm written out here, routed on every
-Qwen2 norm of a model (its logits unchanged), and refused for a norm that computes otherwise."""
+"""The prompt LLM's RMSNorms as ``F.rms_norm`` and its MLPs with gate and up joined: each against
+the module written out here, routed on every Qwen2 norm and MLP of a model (its logits unchanged),
+and refused for a module that computes otherwise."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from src.fast_path import relative_error
-from src.prompt.fused_norms import FusedRmsNorm, fuse_rms_norms
+from src.prompt.fused_modules import FusedRmsNorm, JoinedGateUp, fuse_modules, fuse_rms_norms, join_gate_up
 
 HIDDEN = 48
 
@@ -110,3 +111,63 @@ def test_other_calls_run_the_norms_own_forward() -> None:
     assert not runner.serves(torch.ones(1, HIDDEN, dtype=torch.float64))  # the weight is float32
     assert not runner.serves(torch.ones(1, HIDDEN), torch.ones(1))
     assert not runner.serves(hidden_states="text")
+
+
+# ------------------------------------------------------------------ gated MLPs, gate and up joined
+
+
+def test_joined_mlp_gives_the_gated_mlp_written_out() -> None:
+    model = tiny_qwen2(layers=1)
+    mlp = model.model.layers[0].mlp
+    gate, up, down = (p.weight.detach().clone() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    rows = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_seed(4))
+    joined = JoinedGateUp(mlp)
+    expected = torch.nn.functional.silu(rows @ gate.T) * (rows @ up.T) @ down.T
+    torch.testing.assert_close(joined(rows), expected, rtol=1e-5, atol=1e-6)
+    # the projections now read halves of the joined weight: nothing is held twice
+    assert mlp.gate_proj.weight.data_ptr() == joined.weight.data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == joined.weight.untyped_storage().data_ptr()
+    torch.testing.assert_close(mlp(rows), expected, rtol=1e-5, atol=1e-6)  # its own forward too
+
+
+def test_every_qwen2_mlp_is_joined_and_the_logits_stay() -> None:
+    model = tiny_qwen2()
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(1))
+    parameters = sum(p.numel() for p in model.parameters())
+    with torch.inference_mode():
+        own = model(ids).logits
+        routes = fuse_modules(model)
+        fused = model(ids).logits
+    mlps = [layer.mlp for layer in model.model.layers]
+    assert {id(r.module) for r in routes} >= {id(mlp) for mlp in mlps}
+    assert len(routes) == 2 * 3 + 1 + 3  # the norms and the MLPs
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    assert relative_error(fused, own) < 1e-5
+    assert sum(r.served for r in routes if r.module in mlps) == 3
+
+
+class UpFirstMlp(torch.nn.Module):
+    """Shaped like Qwen2's MLP, computing ``down(act(up(x)) * gate(x))``: not what joining assumes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(HIDDEN, 64, bias=False)
+        self.up_proj = torch.nn.Linear(HIDDEN, 64, bias=False)
+        self.down_proj = torch.nn.Linear(64, HIDDEN, bias=False)
+        self.act_fn = torch.nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+
+
+def test_mlps_that_compute_otherwise_keep_their_forward(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(2)
+    model = torch.nn.ModuleDict({"up_first": UpFirstMlp(), "qwen2": tiny_qwen2(layers=1).model.layers[0].mlp})
+    with caplog.at_level("INFO"):
+        routes = join_gate_up(model)
+    assert [r.module for r in routes] == [model["qwen2"]]
+    assert "forward" not in vars(model["up_first"])
+    assert "UpFirstMlp: gate and up joined vs its forward: relative error" in caplog.text
+    joined = routes[0].runner
+    assert joined.serves(torch.ones(1, HIDDEN)) and not joined.serves(torch.ones(1, HIDDEN + 1))
+    assert not joined.serves(torch.ones(1, HIDDEN, dtype=torch.float64))
