@@ -278,10 +278,17 @@ def weighted_embedding(phase: dict[str, Any]) -> dict[str, Any]:
     embed_weighted, embed_plain = (
         statistics.median(sum(run) for run in job["embed_runs"]) for job in (weighted, plain)
     )
+    medians = {
+        f"sdxl{prefix}_{key}_median_s": round(statistics.median(job[f"{key}_runs"]), 4)
+        for prefix, job in (("", plain), ("_weighted", weighted))
+        for key in ("generate", "outside_gpu")
+        if f"{key}_runs" in job
+    }  # the job's two parts: the pipeline (embedding included), and storing its image
     return {
         "sdxl_embed_s": round(embed_plain, 4),
         "sdxl_weighted_embed_s": round(embed_weighted, 4),
         "sdxl_weighted_embed_extra_share": round(
             (embed_weighted - embed_plain) / statistics.median(plain["runs"]), 4
         ),
+        **medians,
     }

@@ -269,6 +269,8 @@ def phase_worker(
             )
         best = min(runs, key=lambda r: r["s"])
         out[name] = {**best, "first_s": runs[0]["s"], "runs": [r["s"] for r in runs]}
+        out[name]["generate_runs"] = [r["generate_s"] for r in runs]  # and what follows it: storing
+        out[name]["outside_gpu_runs"] = [r["outside_gpu_s"] for r in runs]
         for key in ("lora_use_s", "embed_s"):  # lora_use_s: the first run merges, the next find them merged
             if key in runs[0]:
                 out[name][key.replace("_s", "_runs")] = [r[key] for r in runs]
