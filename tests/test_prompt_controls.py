@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import logging
+import random
 from typing import Any
 
 import pytest
@@ -106,15 +107,47 @@ def test_each_prompt_is_parsed_once_as_compel_parses_it(
     prompt, negative = "a (red:1.3) fox", "blurry, low quality-"
     ours = encoder.embed(prompt, negative, weighting=True, clip_skip=0)
     assert parsed == [compel_syntax(prompt), negative]  # once each, for both encoders
-    encoder.embed("a blue fox", negative, weighting=True, clip_skip=0)
-    assert parsed[2:] == ["a blue fox"]  # the negative prompt was parsed before
-    for text in (compel_syntax(prompt), negative, "a (big red)++ fox", "a cat.and(a dog)"):
+    encoder.embed("a blue fox-", negative, weighting=True, clip_skip=0)
+    assert parsed[2:] == ["a blue fox-"]  # the negative prompt was parsed before
+    encoder.embed("a blue fox, in snow", "blurry, low quality", weighting=True, clip_skip=0)
+    assert parsed[3:] == []  # plain words: nothing for Compel's grammar to read
+    for text in (compel_syntax(prompt), negative, "a (big red)++ fox", "a cat.and(a dog)", "a fox, 8k"):
         assert repr(parse(text)) == repr(Compel.parse_prompt_string(text))
     with torch.inference_mode():
         compels = CompelForSDXL(pipe)(compel_syntax(prompt), negative_prompt=negative)
     torch.testing.assert_close(ours.embeds, compels.embeds, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ours.negative, compels.negative_embeds, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ours.pooled, compels.pooled_embeds, rtol=1e-6, atol=1e-6)
+
+
+def plain_words(generator: random.Random) -> str:
+    """Words and digits, single spaces, commas before a space or at the end (``_PLAIN``'s language),
+    Compel's operator names among the words."""
+    words = ["a", "Fox", "8k", "and", "AND", "blend", "swap", "useLora", "withLora", "attend", "2024"]
+    text = generator.choice(words)
+    for _ in range(generator.randint(0, 14)):
+        text += generator.choice([" ", ", "]) + generator.choice(words)
+    return text + ("," if generator.random() < 0.2 else "")
+
+
+def test_plain_words_parse_as_compel_parses_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts of plain words skip Compel's parser, and Compel's parser gives the same for 600 of
+    them; the prompts just outside that language (whitespace or commas Compel normalises,
+    punctuation it reads) still go to Compel's parser."""
+    generator = random.Random(11)
+    plain = ["a fox", "a fox, in snow,", *(plain_words(generator) for _ in range(600))]
+    outside = ["a  fox", " a fox", "a fox ", "a,fox", "a , fox", "a fox.", "a-fox", "a fox,,"]
+    compel = PromptParser()
+    expected = {text: repr(compel.parse_conjunction(text)) for text in plain + outside}
+    parsed: list[str] = []
+    real = PromptParser.parse_conjunction
+    monkeypatch.setattr(
+        PromptParser, "parse_conjunction", lambda self, text: parsed.append(text) or real(self, text)
+    )
+    parse.cache_clear()
+    for text in plain + outside:
+        assert repr(parse(text)) == expected[text], text
+    assert parsed == outside
 
 
 def test_changed_encoder_weights_get_their_own_empty_prompt(pipe: Any, encoder: PromptEncoder) -> None:

@@ -12,7 +12,8 @@ hidden states, so the CUDA-graphed text encoders serve every chunk; a chunk with
 weighted) tokens has its own graph. Clip skip drops the last hidden states before Compel takes
 the penultimate one: ``hidden_states[-(clip_skip + 2)]``, as diffusers' ``clip_skip`` does. With
 weighting off, Compel's syntax characters are escaped: the prompt is read literally, still in
-chunks. Compel's parser runs with pyparsing's packrat memoisation, once per distinct prompt (``parse``).
+chunks. Compel's parser runs with pyparsing's packrat memoisation, once per distinct prompt, and
+not for prompts of plain words (``parse``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import pyparsing
 import torch
 from compel import CompelForSDXL
-from compel.prompt_parser import Conjunction, PromptParser
+from compel.prompt_parser import Conjunction, FlattenedPrompt, Fragment, PromptParser
 
 # Compel's prompt grammar backtracks; pyparsing's packrat memoisation (unbounded: the cache is
 # emptied at each parse) halves the parse time of each prompt (docs/PERFORMANCE.md).
@@ -38,6 +39,9 @@ _WEIGHTED = re.compile(r"\(([^()\[\]]*?):\s*([0-9]*\.?[0-9]+)\s*\)")  # (text:1.
 _EMPHASIS = re.compile(r"\(([^()\[\]:]*)\)(?![0-9.+\-])")  # (text): A1111's 1.1, not Compel's (a b)++
 _DEEMPHASIS = re.compile(r"\[([^()\[\]]*)\]")  # [text]: A1111's 1/1.1
 _ATOM = re.compile(r"\x00(\d+)\x00")
+# ASCII words and digits, single spaces, a comma only before a space or at the end: nothing for
+# Compel's grammar to read, and no whitespace or comma it would normalise
+_PLAIN = re.compile(r"[A-Za-z0-9]+(?:,? [A-Za-z0-9]+)*,?")
 
 
 def compel_syntax(prompt: str) -> str:
@@ -66,7 +70,11 @@ def parse(text: str) -> Conjunction:
     """Compel's parse of ``text`` (Compel only reads it), once per distinct text. Compel itself
     builds its grammar again for every parse and parses each prompt once per text encoder; here a
     job parses each of its prompts once, and a prompt seen lately (a platform's fixed negative
-    prompt) not at all."""
+    prompt) not at all. Plain words (``_PLAIN``) are one fragment of weight 1, as Compel's parse
+    gives them (tests/test_prompt_controls.py checks it against Compel's parser) without its 6-12
+    ms a prompt pair (docs/PERFORMANCE.md)."""
+    if _PLAIN.fullmatch(text):
+        return Conjunction([FlattenedPrompt([Fragment(text, 1.0)])])
     return _PARSER.parse_conjunction(text)
 
 
