@@ -46,6 +46,10 @@ def prompt(length: int) -> torch.Tensor:
 
 def test_attend_lengths_are_multiples_of_the_step_and_the_cache() -> None:
     assert attend_lengths(3328) == [*range(256, 3328, 256), 3328]
+    assert attend_lengths(4096) == [*range(256, 4096, 256), 4096]  # 16 lengths, the most
+    assert attend_lengths(4097) == [*range(512, 4097, 512), 4097]
+    assert attend_lengths(32768 + 256) == [*range(2304, 33024, 2304), 33024]
+    assert all(len(attend_lengths(n)) <= 16 for n in range(64, 40000, 97))
     assert attend_lengths(256) == [256] and attend_lengths(100) == [100]
     assert attend_length(1, 3328) == 256
     assert attend_length(256, 3328) == 256 and attend_length(257, 3328) == 512

@@ -13,9 +13,10 @@ positions only. Qwen2.5-7B has 28 query heads over 4 key/value heads, and with t
 mask transformers' SDPA path repeats each layer's whole cache 7 times per step (1.3 GB written and
 read again per token at 3328 positions) where grouping reads it once. A decode step's attention
 takes time in proportion to the positions it reads, masked or not (a fifth of the step at 3328
-positions), so each call attends over the positions the job can fill, rounded up to
-``ATTEND_STEP``, and the step has one graph per such length. Its RMSNorms run as ``F.rms_norm``
-and its MLPs' gate and up projections as one product (``src/prompt/fused_modules.py``).
+positions), so each call attends over the positions the job can fill, rounded up to a
+multiple of ``ATTEND_STEP``, and the step has one graph per such length (at most 16). Its
+RMSNorms run as ``F.rms_norm`` and its MLPs' gate and up projections as one product
+(``src/prompt/fused_modules.py``).
 """
 
 from __future__ import annotations
@@ -41,11 +42,14 @@ log = logging.getLogger(__name__)
 
 GROUPED_DECODE = "sdpa_grouped_decode"  # the attention implementation's name in transformers' registries
 ATTEND_STEP = 256  # calls attend over the cache's first positions, a multiple of this many
+MAX_ATTEND_LENGTHS = 16  # or of a multiple of it, so that there are at most this many (graphs)
 
 
 def attend_lengths(cache_length: int) -> list[int]:
-    """The lengths calls attend over: multiples of ATTEND_STEP below ``cache_length``, and it."""
-    return [*range(ATTEND_STEP, cache_length, ATTEND_STEP), cache_length]
+    """The lengths calls attend over: multiples of ATTEND_STEP (or of the multiple of it that
+    keeps them to MAX_ATTEND_LENGTHS) below ``cache_length``, and it."""
+    step = ATTEND_STEP * -(-cache_length // (ATTEND_STEP * MAX_ATTEND_LENGTHS))
+    return [*range(step, cache_length, step), cache_length]
 
 
 def attend_length(positions: int, cache_length: int) -> int:
