@@ -24,6 +24,8 @@ within ``MAX_RELATIVE_ERROR``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -65,29 +67,9 @@ def _shaped_like_qwen(module: torch.nn.Module) -> bool:
     )
 
 
-@torch.inference_mode()
-def _fused_error(norm: torch.nn.Module) -> float:
-    """The relative error of ``F.rms_norm`` against the module's own forward on random rows."""
-    weight = norm.weight
-    generator = torch.Generator(device=weight.device).manual_seed(0)
-    rows = torch.randn(2, 3, weight.shape[0], generator=generator, device=weight.device) * 4
-    rows = rows.to(weight.dtype)
-    own = type(norm).forward(norm, rows)
-    return relative_error(FusedRmsNorm(norm)(rows), own)
-
-
 def fuse_rms_norms(model: torch.nn.Module) -> list[Route]:
     """Route every RMSNorm of ``model`` whose class ``F.rms_norm`` reproduces to it (see the module)."""
-    verdicts: dict[type, bool] = {}
-    routes = []
-    for module in model.modules():
-        kind = type(module)
-        if kind not in verdicts and _shaped_like_qwen(module):
-            error = _fused_error(module)
-            verdicts[kind] = error <= MAX_RELATIVE_ERROR
-            log.info("%s: F.rms_norm vs its forward: relative error %.3g", kind.__name__, error)
-        if verdicts.get(kind):
-            routes.append(route(module, "forward", FusedRmsNorm(module)))
+    routes, verdicts = _route_where_reproduced(model, _shaped_like_qwen, FusedRmsNorm, "F.rms_norm", 4.0)
     kept = sorted(kind.__name__ for kind, fused in verdicts.items() if not fused)
     kept_text = f" ({kept} kept)" if kept else ""
     log.info("prompt LLM: %d RMSNorms computed by F.rms_norm%s", len(routes), kept_text)
@@ -134,32 +116,51 @@ def _shaped_like_gated_mlp(module: torch.nn.Module) -> bool:
     )
 
 
-@torch.inference_mode()
-def _joined_error(mlp: torch.nn.Module, joined: JoinedGateUp) -> float:
-    """The relative error of the joined product against the module's own forward on random rows."""
-    weight = joined.weight
-    generator = torch.Generator(device=weight.device).manual_seed(0)
-    rows = torch.randn(2, 3, weight.shape[1], generator=generator, device=weight.device).to(weight.dtype)
-    return relative_error(joined(rows), type(mlp).forward(mlp, rows))
-
-
 def join_gate_up(model: torch.nn.Module) -> list[Route]:
-    """Route every gated MLP of ``model`` whose class the joined product reproduces to it."""
+    """Route every gated MLP of ``model`` whose class the joined product reproduces to it (the
+    module's own forward is unchanged by the join, whatever the verdict)."""
+    routes, _ = _route_where_reproduced(
+        model, _shaped_like_gated_mlp, JoinedGateUp, "gate and up joined", 1.0
+    )
+    log.info("prompt LLM: %d MLPs with their gate and up projections joined", len(routes))
+    return routes
+
+
+def _route_where_reproduced(
+    model: torch.nn.Module,
+    shaped: Callable[[torch.nn.Module], bool],
+    runner_for: Callable[[torch.nn.Module], Any],
+    what: str,
+    scale: float,
+) -> tuple[list[Route], dict[type, bool]]:
+    """Route each module of ``model`` that is ``shaped`` to ``runner_for(module)`` where the first
+    runner of its class gives the class's own forward within MAX_RELATIVE_ERROR on random rows
+    (standard normal times ``scale``); the routes, and each class's verdict."""
     verdicts: dict[type, bool] = {}
     routes = []
     for module in model.modules():
         kind = type(module)
-        if verdicts.get(kind) is False or not _shaped_like_gated_mlp(module):
+        if verdicts.get(kind) is False or not shaped(module):
             continue
-        joined = JoinedGateUp(module)  # the module's own forward is unchanged by the join
+        runner = runner_for(module)
         if kind not in verdicts:
-            error = _joined_error(module, joined)
+            error = _error_on_random_rows(module, runner, scale)
             verdicts[kind] = error <= MAX_RELATIVE_ERROR
-            log.info("%s: gate and up joined vs its forward: relative error %.3g", kind.__name__, error)
+            log.info("%s: %s vs its forward: relative error %.3g", kind.__name__, what, error)
         if verdicts[kind]:
-            routes.append(route(module, "forward", joined))
-    log.info("prompt LLM: %d MLPs with their gate and up projections joined", len(routes))
-    return routes
+            routes.append(route(module, "forward", runner))
+    return routes, verdicts
+
+
+@torch.inference_mode()
+def _error_on_random_rows(module: torch.nn.Module, runner: Any, scale: float) -> float:
+    """The relative error of ``runner`` against ``module``'s own forward on random rows as wide as
+    the runner's weight (its last dimension)."""
+    weight = runner.weight
+    generator = torch.Generator(device=weight.device).manual_seed(0)
+    rows = torch.randn(2, 3, weight.shape[-1], generator=generator, device=weight.device) * scale
+    rows = rows.to(weight.dtype)
+    return relative_error(runner(rows), type(module).forward(module, rows))
 
 
 def fuse_modules(model: torch.nn.Module) -> list[Route]:
