@@ -104,14 +104,14 @@ def test_each_prompt_is_parsed_once_as_compel_parses_it(
     monkeypatch.setattr(
         PromptParser, "parse_conjunction", lambda self, text: parsed.append(text) or real(self, text)
     )
-    prompt, negative = "a (red:1.3) fox", "blurry, low quality-"
+    prompt, negative = "a (red:1.3) fox.", "blurry. low quality-"  # not flat: the periods
     ours = encoder.embed(prompt, negative, weighting=True, clip_skip=0)
     assert parsed == [compel_syntax(prompt), negative]  # once each, for both encoders
-    encoder.embed("a blue fox-", negative, weighting=True, clip_skip=0)
-    assert parsed[2:] == ["a blue fox-"]  # the negative prompt was parsed before
-    encoder.embed("a blue fox, in snow", "blurry, low quality", weighting=True, clip_skip=0)
-    assert parsed[3:] == []  # plain words: nothing for Compel's grammar to read
-    for text in (compel_syntax(prompt), negative, "a (big red)++ fox", "a cat.and(a dog)", "a fox, 8k"):
+    encoder.embed("a blue fox-.", negative, weighting=True, clip_skip=0)
+    assert parsed[2:] == ["a blue fox-."]  # the negative prompt was parsed before
+    encoder.embed("a (blue:1.2) fox, in snow", "blurry, low quality-", weighting=True, clip_skip=0)
+    assert parsed[3:] == []  # flat: nothing for Compel's grammar that ``parse`` does not read
+    for text in (compel_syntax(prompt), negative, "a (big red)++ fox", "a cat.and(a dog)", "a fox-, 8k"):
         assert repr(parse(text)) == repr(Compel.parse_prompt_string(text))
     with torch.inference_mode():
         compels = CompelForSDXL(pipe)(compel_syntax(prompt), negative_prompt=negative)
@@ -120,34 +120,61 @@ def test_each_prompt_is_parsed_once_as_compel_parses_it(
     torch.testing.assert_close(ours.pooled, compels.pooled_embeds, rtol=1e-6, atol=1e-6)
 
 
-def plain_words(generator: random.Random) -> str:
-    """Words and digits, single spaces, commas before a space or at the end (``_PLAIN``'s language),
+WORDS = ["a", "Fox", "8k", "5", "0", "E5", "inf", "and", "AND", "blend", "swap", "useLora", "withLora"]
+WEIGHTS = ["1", "1.0", "0", "0.05", "0.9091", "01.50", "1.3", "2", "10", "+", "++", "-", "---"]
+
+
+def flat_prompt(generator: random.Random) -> str:
+    """Words and digits, single spaces, commas before a space or at the end, and weighted items of
+    such words in Compel's and A1111's forms (``_FLAT``'s language once A1111's are rewritten),
     Compel's operator names among the words."""
-    words = ["a", "Fox", "8k", "and", "AND", "blend", "swap", "useLora", "withLora", "attend", "2024"]
-    text = generator.choice(words)
-    for _ in range(generator.randint(0, 14)):
-        text += generator.choice([" ", ", "]) + generator.choice(words)
-    return text + ("," if generator.random() < 0.2 else "")
+
+    def words(most: int) -> str:
+        return " ".join(generator.choice(WORDS) for _ in range(generator.randint(1, most)))
+
+    def item() -> str:
+        return generator.choice(
+            [
+                generator.choice(WORDS),
+                generator.choice(WORDS),
+                f"({words(3)}){generator.choice(WEIGHTS)}",
+                generator.choice(WORDS) + generator.choice(["+", "-", "++", "--"]),
+                f"({words(3)}:{generator.choice(['1.3', '0.8', '1'])})",
+                f"[{words(2)}]",
+                f"({words(2)})",
+            ]
+        )
+
+    text = item()
+    for _ in range(generator.randint(0, 12)):
+        text += generator.choice([" ", ", "]) + item()
+    return compel_syntax(text + ("," if generator.random() < 0.2 else ""))
 
 
-def test_plain_words_parse_as_compel_parses_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Prompts of plain words skip Compel's parser, and Compel's parser gives the same for 600 of
-    them; the prompts just outside that language (whitespace or commas Compel normalises,
-    punctuation it reads) still go to Compel's parser."""
+def test_flat_prompts_parse_as_compel_parses_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flat prompts (plain words, weighted items of plain words) skip Compel's parser, and Compel's
+    parser gives the same for 1500 of them; the prompts just outside that language (whitespace or
+    commas Compel normalises, punctuation it reads, nesting, its LoRA syntax) still go to it."""
     generator = random.Random(11)
-    plain = ["a fox", "a fox, in snow,", *(plain_words(generator) for _ in range(600))]
-    outside = ["a  fox", " a fox", "a fox ", "a,fox", "a , fox", "a fox.", "a-fox", "a fox,,"]
+    flat = ["a fox", "a fox, in snow,", *(flat_prompt(generator) for _ in range(1500))]
+    outside = [
+        "a  fox", " a fox", "a fox ", "a,fox", "a , fox", "a fox.", "a-fox", "a fox,,",
+        "a (fox)1.3x", "a(fox)1.3", "(a (fox)1.2)1.1", "(a, fox)1.2", "(fox)-0.5", "(fox)2.",
+        "fox+-", "a useLora (fox)1", "withLora (fox)", "(fox)1.2.3",
+    ]  # fmt: skip
     compel = PromptParser()
-    expected = {text: repr(compel.parse_conjunction(text)) for text in plain + outside}
+    expected = {text: repr(compel.parse_conjunction(text)) for text in flat + outside}
     parsed: list[str] = []
     real = PromptParser.parse_conjunction
     monkeypatch.setattr(
         PromptParser, "parse_conjunction", lambda self, text: parsed.append(text) or real(self, text)
     )
     parse.cache_clear()
-    for text in plain + outside:
+    for text in flat + outside:
         assert repr(parse(text)) == expected[text], text
-    assert parsed == outside
+    lora_syntax = [text for text in flat if "useLora (" in text or "withLora (" in text]
+    assert parsed == lora_syntax + outside  # Compel reads ``useLora (name)`` as a LoRA
+    assert sum(1 for text in flat if len(parse(text).prompts[0].children) > 1) > 1000  # weighted ones
 
 
 def test_changed_encoder_weights_get_their_own_empty_prompt(pipe: Any, encoder: PromptEncoder) -> None:

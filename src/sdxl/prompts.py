@@ -13,7 +13,7 @@ weighted) tokens has its own graph. Clip skip drops the last hidden states befor
 the penultimate one: ``hidden_states[-(clip_skip + 2)]``, as diffusers' ``clip_skip`` does. With
 weighting off, Compel's syntax characters are escaped: the prompt is read literally, still in
 chunks. Compel's parser runs with pyparsing's packrat memoisation, once per distinct prompt, and
-not for prompts of plain words (``parse``).
+not for flat prompts: plain words and weighted items of plain words (``parse``).
 """
 
 from __future__ import annotations
@@ -39,9 +39,15 @@ _WEIGHTED = re.compile(r"\(([^()\[\]]*?):\s*([0-9]*\.?[0-9]+)\s*\)")  # (text:1.
 _EMPHASIS = re.compile(r"\(([^()\[\]:]*)\)(?![0-9.+\-])")  # (text): A1111's 1.1, not Compel's (a b)++
 _DEEMPHASIS = re.compile(r"\[([^()\[\]]*)\]")  # [text]: A1111's 1/1.1
 _ATOM = re.compile(r"\x00(\d+)\x00")
-# ASCII words and digits, single spaces, a comma only before a space or at the end: nothing for
-# Compel's grammar to read, and no whitespace or comma it would normalise
-_PLAIN = re.compile(r"[A-Za-z0-9]+(?:,? [A-Za-z0-9]+)*,?")
+# Flat prompts: ASCII words and digits, single spaces, a comma only before a space or at the end,
+# and weighted items of such words, Compel's ``(a b)1.3`` (what A1111's forms are rewritten into),
+# ``(a b)++`` and ``word-``: the language ``parse`` reads without Compel's grammar
+_WORD = r"[A-Za-z0-9]+"
+_WEIGHTED_ITEM = rf"\(({_WORD}(?: {_WORD})*)\)([0-9]+(?:\.[0-9]+)?|\++|-+)|({_WORD})(\++|-+)"
+_ITEM = rf"(?:{_WEIGHTED_ITEM}|{_WORD})"
+_FLAT = re.compile(rf"{_ITEM}(?:,? {_ITEM})*,?")
+_WEIGHTED_ITEMS = re.compile(rf"(?:(?<= )|^)(?:{_WEIGHTED_ITEM})(?=,? |,?$)")
+_LORA = re.compile(r"(?:use|with)Lora \(")  # Compel's LoRA syntax, which a flat prompt can spell
 
 
 def compel_syntax(prompt: str) -> str:
@@ -70,12 +76,39 @@ def parse(text: str) -> Conjunction:
     """Compel's parse of ``text`` (Compel only reads it), once per distinct text. Compel itself
     builds its grammar again for every parse and parses each prompt once per text encoder; here a
     job parses each of its prompts once, and a prompt seen lately (a platform's fixed negative
-    prompt) not at all. Plain words (``_PLAIN``) are one fragment of weight 1, as Compel's parse
-    gives them (tests/test_prompt_controls.py checks it against Compel's parser) without its 6-12
-    ms a prompt pair (docs/PERFORMANCE.md)."""
-    if _PLAIN.fullmatch(text):
-        return Conjunction([FlattenedPrompt([Fragment(text, 1.0)])])
+    prompt) not at all. Flat prompts (``_FLAT``) are read without Compel's grammar (``flat``),
+    into what its parse gives (tests/test_prompt_controls.py checks it against Compel's parser),
+    without its 6-18 ms a prompt pair (docs/PERFORMANCE.md)."""
+    if _FLAT.fullmatch(text) and not _LORA.search(text):
+        return Conjunction([FlattenedPrompt([Fragment(t, w) for t, w in flat(text)])])
     return _PARSER.parse_conjunction(text)
+
+
+def flat(text: str) -> list[tuple[str, float]]:
+    """A flat prompt's fragments as Compel's parse gives them: the words between weighted items
+    (stripped of spaces) at weight 1, each item at its weight (a number, or 1.1 per ``+`` and 0.9
+    per ``-``), neighbours of equal weight joined by a space."""
+    fragments: list[tuple[str, float]] = []
+    start = 0
+    for item in _WEIGHTED_ITEMS.finditer(text):
+        words, weight = (item.group(1), item.group(2)) if item.group(1) else item.group(3, 4)
+        between = text[start : item.start()].strip(" ")
+        if between:
+            fragments.append((between, 1.0))
+        if weight[0] in "+-":
+            fragments.append((words, pow(1.1 if weight[0] == "+" else 0.9, len(weight))))
+        else:
+            fragments.append((words, float(weight)))
+        start = item.end()
+    if text[start:].strip(" "):
+        fragments.append((text[start:].strip(" "), 1.0))
+    merged: list[tuple[str, float]] = []
+    for words, weight in fragments:
+        if merged and merged[-1][1] == weight:
+            merged[-1] = (f"{merged[-1][0]} {words}", weight)
+        else:
+            merged.append((words, weight))
+    return merged
 
 
 @dataclass(frozen=True)
