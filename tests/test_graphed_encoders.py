@@ -14,7 +14,7 @@ import torch.utils._pytree as pytree
 
 from src.fast_path import route
 from src.sdxl import TEXT_TOKENS
-from src.sdxl.graphed_encoders import GraphedTextEncoder
+from src.sdxl.graphed_encoders import MASKED_ROWS, GraphedTextEncoder
 from src.worker import Worker
 
 
@@ -28,7 +28,7 @@ class _StaticGraph:
 
     def replay(self) -> None:
         mask = {"attention_mask": self.graphed.mask} if self.masked else {}
-        fresh = self.graphed.eager(self.graphed.ids, **mask, output_hidden_states=True)
+        fresh = self.graphed.eager(self.graphed.ids[self.masked], **mask, output_hidden_states=True)
         for static, value in zip(
             pytree.tree_leaves(self.graphed.outputs[self.masked]), pytree.tree_leaves(fresh), strict=True
         ):
@@ -46,7 +46,7 @@ def graphed(request: pytest.FixtureRequest, sdxl_pipe: Any) -> Any:
     with torch.inference_mode():
         for masked in (False, True):
             mask = {"attention_mask": graphed.mask} if masked else {}
-            graphed.outputs[masked] = graphed.eager(graphed.ids, **mask, output_hidden_states=True)
+            graphed.outputs[masked] = graphed.eager(graphed.ids[masked], **mask, output_hidden_states=True)
             graphed.graphs[masked] = _StaticGraph(graphed, masked)  # type: ignore[assignment]
     installed = route(encoder, "forward", graphed)  # as prepare() routes it after a real capture
     yield graphed
@@ -54,8 +54,8 @@ def graphed(request: pytest.FixtureRequest, sdxl_pipe: Any) -> Any:
     assert "forward" not in vars(encoder)
 
 
-def _ids(seed: int, vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (1, TEXT_TOKENS), generator=torch.Generator().manual_seed(seed))
+def _ids(seed: int, vocab: int, rows: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (rows, TEXT_TOKENS), generator=torch.Generator().manual_seed(seed))
 
 
 def test_pipeline_calls_replay_and_keep_their_outputs(graphed: GraphedTextEncoder) -> None:
@@ -80,28 +80,31 @@ def test_pipeline_calls_replay_and_keep_their_outputs(graphed: GraphedTextEncode
 
 
 def test_masked_chunks_replay_their_own_graph(graphed: GraphedTextEncoder) -> None:
-    """Compel's chunk with a down-weighted fragment masked out: the masked graph, its mask copied in."""
+    """A prompt and its copy with a down-weighted fragment masked out (``src/sdxl/weighting.py``):
+    the masked graph of two rows, its mask copied in."""
     vocab = graphed.encoder.config.vocab_size
     ids = _ids(3, vocab)
-    mask = torch.ones(1, TEXT_TOKENS, dtype=torch.long)
-    mask[:, 4:7] = 0
-    assert graphed.serves(ids, attention_mask=mask, output_hidden_states=True)
+    rows = torch.cat([ids, ids])
+    mask = torch.ones(MASKED_ROWS, TEXT_TOKENS, dtype=torch.long)
+    mask[1:, 4:7] = 0
+    assert graphed.serves(rows, attention_mask=mask, output_hidden_states=True)
+    assert not graphed.serves(ids, attention_mask=mask[1:], output_hidden_states=True)  # one row: eager
     with torch.inference_mode():
         got_plain = graphed.encoder(ids, output_hidden_states=True)
-        got = graphed.encoder(ids, attention_mask=mask, output_hidden_states=True)
-        want = graphed.eager(ids, attention_mask=mask, output_hidden_states=True)
+        got = graphed.encoder(rows, attention_mask=mask, output_hidden_states=True)
+        want = graphed.eager(rows, attention_mask=mask, output_hidden_states=True)
     assert all(torch.equal(a, b) for a, b in zip(_leaves(got), _leaves(want), strict=True))
-    assert not torch.allclose(got.hidden_states[-1], got_plain.hidden_states[-1])  # the mask reached it
+    assert not torch.allclose(got.hidden_states[-1][1], got_plain.hidden_states[-1][0])  # the mask reached it
     assert torch.equal(graphed.mask, mask)
     del graphed.graphs[True]  # not captured (its capture failed): masked calls run eagerly
-    assert not graphed.serves(ids, attention_mask=mask, output_hidden_states=True)
+    assert not graphed.serves(rows, attention_mask=mask, output_hidden_states=True)
     assert graphed.serves(ids, output_hidden_states=True)
 
 
 @pytest.mark.parametrize(
     "ids_shape, kwargs",
     [
-        ((2, TEXT_TOKENS), {"output_hidden_states": True}),  # a batch of prompts
+        ((2, TEXT_TOKENS), {"output_hidden_states": True}),  # a batch of prompts without a mask
         ((1, 20), {"output_hidden_states": True}),  # other length
         ((1, TEXT_TOKENS), {}),  # no hidden states
         ((1, TEXT_TOKENS), {"output_hidden_states": True, "return_dict": False}),

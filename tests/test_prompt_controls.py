@@ -19,7 +19,7 @@ from PIL import Image
 
 from src.fast_path import route
 from src.sdxl.graphed_encoders import GraphedTextEncoder
-from src.sdxl.prompts import PromptEncoder, compel_syntax, parse
+from src.sdxl.prompts import PromptEncoder, _Encoder, _Pipe, compel_syntax, parse
 from src.sdxl.schedulers import SCHEDULERS
 from src.wan.plan import DEFAULT_NEGATIVE_PROMPT
 from src.worker import Worker
@@ -175,6 +175,59 @@ def test_flat_prompts_parse_as_compel_parses_them(monkeypatch: pytest.MonkeyPatc
     lora_syntax = [text for text in flat if "useLora (" in text or "withLora (" in text]
     assert parsed == lora_syntax + outside  # Compel reads ``useLora (name)`` as a LoRA
     assert sum(1 for text in flat if len(parse(text).prompts[0].children) > 1) > 1000  # weighted ones
+
+
+@pytest.mark.parametrize(
+    ("prompt", "clip_skip"),
+    [
+        ("a fox, blurry-", 0),  # one down-weighted fragment: the prompt and one masked copy
+        ("(a fox)0.5, [snow], low quality--, 8k", 0),  # three: two calls of two rows
+        ("a fox (in snow)0, (red:1.3)", 1),
+        ("a (red:1.3) fox", 0),  # up-weighted only: one row
+        ("", 0),
+        ("a (red:1.3) fox, low-, " * 12, 0),  # past one chunk: Compel's own path
+    ],
+)
+def test_batched_down_weighting_is_compels(
+    pipe: Any, encoder: PromptEncoder, prompt: str, clip_skip: int
+) -> None:
+    """A prompt and its masked copies, encoded together, embed as Compel embeds them one by one."""
+    ours = encoder.embed(prompt, "blurry. low quality-", weighting=True, clip_skip=clip_skip)
+    # Compel on the pipeline's encoders; with clip skip through ``_Encoder``, which drops the last layers
+    compels_pipe = pipe
+    if clip_skip:
+        encoders = (_Encoder(pipe.text_encoder, clip_skip), _Encoder(pipe.text_encoder_2, clip_skip))
+        compels_pipe = _Pipe(pipe.tokenizer, encoders[0], pipe.tokenizer_2, encoders[1])
+    with torch.inference_mode():
+        compels = CompelForSDXL(compels_pipe)(compel_syntax(prompt), negative_prompt="blurry. low quality-")
+    for got, expected in (
+        (ours.embeds, compels.embeds),
+        (ours.pooled, compels.pooled_embeds),
+        (ours.negative, compels.negative_embeds),
+    ):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_down_weighted_prompt_is_one_encoder_call(pipe: Any, encoder: PromptEncoder) -> None:
+    """Each encoder embeds "a fox, blurry-" and its copy without "blurry" in one two-row call."""
+    calls: dict[str, list[tuple[tuple[int, ...], bool]]] = {"text_encoder": [], "text_encoder_2": []}
+    encoder.embed("(warm)1.1", None, weighting=True, clip_skip=0)  # the empty prompt, embedded once
+    hooks = [
+        getattr(pipe, name).register_forward_pre_hook(
+            lambda module, args, kwargs, seen=seen: seen.append(
+                (tuple(args[0].shape), kwargs.get("attention_mask") is not None)
+            ),
+            with_kwargs=True,
+        )
+        for name, seen in calls.items()
+    ]
+    try:
+        encoder.embed("a fox, blurry-", None, weighting=True, clip_skip=0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls["text_encoder"] == [((2, 77), True)]
+    assert calls["text_encoder_2"] == [((2, 77), True), ((1, 77), False)]  # then the pooled embedding
 
 
 def test_changed_encoder_weights_get_their_own_empty_prompt(pipe: Any, encoder: PromptEncoder) -> None:

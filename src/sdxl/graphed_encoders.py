@@ -1,8 +1,9 @@
 """The SDXL text encoders replayed from CUDA graphs (CUDA only).
 
 The pipelines call each encoder with one shape, ``(1, 77)`` token ids and
-``output_hidden_states=True`` (the prompt, then the negative prompt); Compel's chunks with down-
-weighted tokens add a ``(1, 77)`` ``attention_mask``. Eager, each call is bound by launching a few
+``output_hidden_states=True`` (the prompt, then the negative prompt). A prompt with down-weighted
+tokens comes as ``(2, 77)`` ids with an ``attention_mask``: the prompt and a copy with those tokens
+masked, encoded together (``src/sdxl/weighting.py``). Eager, each call is bound by launching a few
 hundred small kernels from Python; replayed from a graph captured at start-up (one without the
 mask, one with it) it runs the same kernels without the launches. Other calls run the eager encoder.
 """
@@ -20,10 +21,13 @@ from src.timing import Phases
 
 log = logging.getLogger(__name__)
 
+MASKED_ROWS = 2  # rows of the masked call: a prompt and one masked copy of it, which cost one row's time
+
 
 class GraphedTextEncoder:
-    """One text encoder's ``(1, 77)`` ids call with hidden states, with or without an attention
-    mask, from CUDA graphs (``graphs``/``outputs`` keyed by ``masked``)."""
+    """One text encoder's call with hidden states, ``(1, 77)`` ids without an attention mask or
+    ``(MASKED_ROWS, 77)`` ids with one, from CUDA graphs (``ids``/``graphs``/``outputs`` keyed by
+    ``masked``)."""
 
     setting = "CUDA_GRAPHS"
 
@@ -31,8 +35,11 @@ class GraphedTextEncoder:
         self.encoder = encoder
         self.name = name
         self.eager = type(encoder).forward.__get__(encoder)  # what serves every other call
-        self.ids = torch.zeros(1, TEXT_TOKENS, dtype=torch.long, device=encoder.device)
-        self.mask = torch.ones(1, TEXT_TOKENS, dtype=torch.long, device=encoder.device)
+        self.ids = {
+            masked: torch.zeros(rows, TEXT_TOKENS, dtype=torch.long, device=encoder.device)
+            for masked, rows in ((False, 1), (True, MASKED_ROWS))
+        }
+        self.mask = torch.ones(MASKED_ROWS, TEXT_TOKENS, dtype=torch.long, device=encoder.device)
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[bool, Any] = {}
 
@@ -59,24 +66,25 @@ class GraphedTextEncoder:
         return {"attention_mask": self.mask if mask is None else mask} if masked else {}
 
     def _capture(self, masked: bool) -> torch.cuda.CUDAGraph:
-        ids = torch.randint(0, self.encoder.config.vocab_size, self.ids.shape, device=self.ids.device)
+        buffer = self.ids[masked]
+        ids = torch.randint(0, self.encoder.config.vocab_size, buffer.shape, device=buffer.device)
         mask = torch.ones_like(self.mask)
-        mask[:, 3:9] = 0  # as Compel masks a down-weighted fragment
+        mask[1:, 3:9] = 0  # a prompt, and its copy with a down-weighted fragment masked
         try:
             with torch.inference_mode():
                 self.mask.fill_(1)
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):  # first-call work (cuBLAS handles) outside the capture
-                    self.eager(self.ids, **self._inputs(masked), output_hidden_states=True)
+                    self.eager(buffer, **self._inputs(masked), output_hidden_states=True)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     self.outputs[masked] = self.eager(
-                        self.ids, **self._inputs(masked), output_hidden_states=True
+                        buffer, **self._inputs(masked), output_hidden_states=True
                     )
                 expected = self.eager(ids, **self._inputs(masked, mask), output_hidden_states=True)
-                self.ids.copy_(ids)
+                buffer.copy_(ids)
                 self.mask.copy_(mask)
                 graph.replay()
                 error = relative_error(self.outputs[masked], expected)
@@ -87,17 +95,18 @@ class GraphedTextEncoder:
 
     def serves(self, input_ids: Any = None, *args: Any, **kwargs: Any) -> bool:
         """True for the pipelines' call (``(1, 77)`` ids on the encoder's device, hidden states on)
-        and for Compel's masked chunk (the same with a ``(1, 77)`` attention mask)."""
+        and for a prompt with its masked copy (``(2, 77)`` ids and attention mask)."""
         mask = kwargs.pop("attention_mask", None)
         masked = mask is not None
+        buffer = self.ids[masked]
         return (
             masked in self.graphs
             and not args
             and kwargs == {"output_hidden_states": True}
             and isinstance(input_ids, torch.Tensor)
-            and input_ids.shape == self.ids.shape
-            and input_ids.dtype == self.ids.dtype
-            and input_ids.device == self.ids.device
+            and input_ids.shape == buffer.shape
+            and input_ids.dtype == buffer.dtype
+            and input_ids.device == buffer.device
             and (
                 not masked
                 or (
@@ -113,7 +122,7 @@ class GraphedTextEncoder:
     ) -> Any:
         """The encoder's forward, replayed from the graph of its kind."""
         masked = attention_mask is not None
-        self.ids.copy_(input_ids)
+        self.ids[masked].copy_(input_ids)
         if masked:
             self.mask.copy_(attention_mask)
         self.graphs[masked].replay()

@@ -28,6 +28,9 @@ import torch
 from compel import CompelForSDXL
 from compel.prompt_parser import Conjunction, FlattenedPrompt, Fragment, PromptParser
 
+from src.sdxl.graphed_encoders import MASKED_ROWS
+from src.sdxl.weighting import batched
+
 # Compel's prompt grammar backtracks; pyparsing's packrat memoisation (unbounded: the cache is
 # emptied at each parse) halves the parse time of each prompt (docs/PERFORMANCE.md).
 pyparsing.ParserElement.enable_packrat(None)
@@ -131,7 +134,8 @@ class PromptEmbeddings:
 
 
 class _Encoder:
-    """A text encoder as Compel calls it, answered by the pipeline's own call (see the module)."""
+    """A text encoder as Compel calls it, answered by the pipeline's own call or, with an attention
+    mask, by calls of ``MASKED_ROWS`` rows (see the module)."""
 
     def __init__(self, encoder: torch.nn.Module, clip_skip: int) -> None:
         self.encoder = encoder
@@ -147,13 +151,38 @@ class _Encoder:
 
     def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> Any:
         ids = ids.long()  # Compel makes some ids int32; the pipelines' call (and its graph) takes int64
-        if attention_mask is None or bool(attention_mask.all()):
+        if attention_mask is None or (len(ids) == 1 and bool(attention_mask.all())):
             output = self.encoder(ids, output_hidden_states=True)
         else:
-            output = self.encoder(ids, attention_mask=attention_mask, output_hidden_states=True)
+            output = self._masked(ids, attention_mask)
         if self.clip_skip:
             output.hidden_states = output.hidden_states[: -self.clip_skip]
         return output
+
+    def _masked(self, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+        """The encoder's output for masked rows, encoded ``MASKED_ROWS`` at a time (the last group
+        filled up with copies of its last row, whose outputs are dropped)."""
+        outputs = []
+        for start in range(0, len(ids), MASKED_ROWS):
+            group, group_mask = ids[start : start + MASKED_ROWS], mask[start : start + MASKED_ROWS]
+            if len(group) < MASKED_ROWS:
+                fill = MASKED_ROWS - len(group)
+                group = torch.cat([group, group[-1:].expand(fill, -1)])
+                group_mask = torch.cat([group_mask, group_mask[-1:].expand(fill, -1)])
+            outputs.append(self.encoder(group, attention_mask=group_mask, output_hidden_states=True))
+        first, rows = outputs[0], len(ids)
+
+        def join(parts: list[torch.Tensor]) -> torch.Tensor:
+            return parts[0][:rows] if len(parts) == 1 else torch.cat(parts)[:rows]
+
+        return type(first)(
+            **{
+                key: tuple(map(join, zip(*(o[key] for o in outputs), strict=True)))
+                if isinstance(value, tuple)
+                else join([o[key] for o in outputs])
+                for key, value in first.items()
+            }
+        )
 
 
 @dataclass
@@ -194,6 +223,8 @@ class PromptEncoder:
             compel = CompelForSDXL(shim, device=pipe.text_encoder.device)
             for each in (compel.compel_1, compel.compel_2):
                 each.parse_prompt_string = parse  # over Compel's classmethod, for this instance
+                provider = each.conditioning_provider
+                provider.get_embeddings_for_weighted_prompt_fragments = batched(provider)
             self._compels[clip_skip] = compel
         return self._compels[clip_skip]
 
