@@ -13,7 +13,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import src.prompt.decode as decode
-from src.fast_path import route
+from src.fast_path import GRAPH_MAX_RELATIVE_ERROR, route
 from src.prompt.decode import (
     GraphedDecodeStep,
     GreedyDecoder,
@@ -133,3 +133,28 @@ def test_each_step_replays_the_graph_of_its_attend_length(model: Qwen2ForCausalL
         assert not step.serves(prompt(1), **other)  # no graph attends over 300 positions
     finally:
         installed.undo()
+
+
+class SecondTokenGraph(StandInGraph):
+    """A wrong replay: the step of the token after the one it was given."""
+
+    def replay(self) -> None:
+        self.step._call(self.step.token, self.step.position, self.attend)
+        super().replay()
+
+
+def test_the_replay_check_starts_the_eager_step_and_the_replay_from_one_state(
+    model: Qwen2ForCausalLM,
+) -> None:
+    """A replay that is the eager step checks without error at every attend length (the cache
+    counts its own positions: a check that ran the replay after the eager step on one prefill saw
+    the next token's step, 0.05-0.3 off, and served every step eagerly); a wrong replay is caught."""
+    decoder = GreedyDecoder(model, max_input_tokens=640, max_new_tokens=60)
+    step = GraphedDecodeStep(decoder)
+    for attend in attend_lengths(decoder.cache_length):
+        step.logits[attend] = torch.zeros(1, 1, VOCAB)
+    faithful = {attend: StandInGraph(step, attend) for attend in step.logits}
+    assert step.replay_error(prompt(16), faithful) == 0.0
+    assert all(graph.replays == 1 for graph in faithful.values())
+    wrong = {attend: SecondTokenGraph(step, attend) for attend in step.logits}
+    assert step.replay_error(prompt(16), wrong) > GRAPH_MAX_RELATIVE_ERROR

@@ -206,13 +206,9 @@ class GraphedDecodeStep:
         self.position.fill_(prompt.shape[1])
 
     def _capture(self) -> None:
-        # Every check runs the eager step and then the replay after one prefill, on token 7 at the
-        # position after the prompt: both write the same key and value (at that position, or past
-        # the cache's count, where the mask hides them) and attend to the same positions.
         prompt = torch.randint(0, self.model.config.vocab_size, (1, 16), device=self.token.device)
         lengths = attend_lengths(self.decoder.cache_length)
         graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        error = 0.0
         try:
             with torch.inference_mode():
                 self._prefill(prompt)
@@ -228,17 +224,28 @@ class GraphedDecodeStep:
                     with torch.cuda.graph(graphs[attend], pool=pool):
                         self.logits[attend] = self._call(self.token, self.position, attend)
                     pool = graphs[attend].pool()
-                self._prefill(prompt)
-                self.token.fill_(7)
-                for attend, graph in graphs.items():
-                    expected = self._call(self.token, self.position, attend).clone()
-                    graph.replay()
-                    error = max(error, relative_error(self.logits[attend], expected))
-                self.decoder.cache.reset()
+                error = self.replay_error(prompt, graphs)
         except Exception as err:  # a speed path: the eager step serves without it
             raise UnavailableError(f"not captured in a CUDA graph ({type(err).__name__}: {err})") from None
         check_graph_replay(self.name, error)
         self.graphs = graphs
+
+    @torch.inference_mode()
+    def replay_error(self, prompt: torch.Tensor, graphs: dict[int, Any]) -> float:
+        """The largest relative error of each graph's replay against the eager step, both on token 7
+        after ``prompt`` fills an empty cache. Each starts from its own prefill: transformers'
+        ``StaticCache`` writes at its own count and the model takes positions and mask from it,
+        not from ``cache_position``, so a second call at "the same" position is the next token."""
+        self.token.fill_(7)
+        error = 0.0
+        for attend, graph in graphs.items():
+            self._prefill(prompt)
+            expected = self._call(self.token, self.position, attend).clone()
+            self._prefill(prompt)
+            graph.replay()
+            error = max(error, relative_error(self.logits[attend], expected))
+        self.decoder.cache.reset()
+        return error
 
     def serves(self, input_ids: Any = None, *args: Any, **kwargs: Any) -> bool:
         """True for the decoder's step: ``(1, 1)`` ids on the model's device over its cache, at an
