@@ -178,6 +178,14 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     for key, phase in (("cold_start_no_cache", worker), ("cold_start_cached", cached)):
         if phase.get("startup"):
             summary[key] = phase["startup"]
+    not_serving = {
+        name: state
+        for phase in (worker, cached, eager)
+        for name, state in phase.get("startup", {}).get("fast_paths", {}).items()
+        if state != "serving"
+    }
+    if not_serving:  # its jobs ran eagerly: their figures are not the fast path's
+        summary["fast_paths_not_serving"] = not_serving
     get = {r["job"]: r for r in rows}
     if "sdxl_high_1" in get and "speedup" in get["sdxl_high_1"]:
         summary["sdxl_high_1_speedup"] = get["sdxl_high_1"]["speedup"]
@@ -245,6 +253,8 @@ def print_table(summary: dict[str, Any]) -> None:
     for key in ("cold_start_no_cache", "cold_start_cached"):
         if key in summary:
             print(f"{key}: {summary[key]}")
+    for name, state in summary.get("fast_paths_not_serving", {}).items():
+        print(f"NOT SERVING, its jobs ran without it: {name}: {state}")
 
 
 def reference_png(path: Path) -> None:
