@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from src.fast_path import SERVING
+
 PEAK_TFLOPS = 790.0  # dense bf16/fp16 measured on the H100 (shared/reference/true-size-models.md)
 SDXL_UNET_TFLOP_PER_IMAGE = 6.75  # one UNet forward of one 1024x1024 latent (13.5 per CFG pair)
 SDXL_VAE_TFLOP = 10.5
@@ -182,7 +184,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         name: state
         for phase in (worker, cached, eager)
         for name, state in phase.get("startup", {}).get("fast_paths", {}).items()
-        if state != "serving"
+        if state != SERVING
     }
     if not_serving:  # its jobs ran eagerly: their figures are not the fast path's
         summary["fast_paths_not_serving"] = not_serving
