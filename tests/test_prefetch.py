@@ -1,10 +1,13 @@
 """The weight prefetch at start-up: which files it reads (the ready families' weights, nothing
-else), its memory budget, a file gone before it is read, and the start-up record."""
+else, and not those in the page cache already), its memory budget, a file gone before it is read,
+and the start-up record."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import psutil
@@ -13,7 +16,7 @@ import pytest
 from src import prefetch as prefetch_module
 from src.families import ready_order
 from src.models import TINY_SUBDIR
-from src.prefetch import CHUNK_BYTES, WeightPrefetch, available_bytes, weight_files
+from src.prefetch import CHUNK_BYTES, WeightPrefetch, available_bytes, in_page_cache, weight_files
 from src.settings import Settings
 from src.worker import Worker, start_worker
 from tests.conftest import TEST_MODELS_DIR, tiny_settings
@@ -21,8 +24,22 @@ from tests.conftest import TEST_MODELS_DIR, tiny_settings
 MB = 1 << 20
 
 
+def drop_from_page_cache(root: Path) -> None:
+    """Write the files under ``root`` to the disk and drop them from the page cache, as on a new
+    machine (``POSIX_FADV_DONTNEED`` drops clean pages only: hence the fsync first)."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                assert not in_page_cache(fd)
+            finally:
+                os.close(fd)
+
+
 def layout(root: Path) -> dict[str, int]:
-    """A full-profile MODELS_DIR of random files: relative path -> size."""
+    """A full-profile MODELS_DIR of random files, not in the page cache: relative path -> size."""
     files = {
         "sdxl/model_index.json": 300,
         "sdxl/unet/diffusion_pytorch_model.safetensors": 3 * MB + 5,
@@ -38,6 +55,7 @@ def layout(root: Path) -> dict[str, int]:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(os.urandom(size))
+    drop_from_page_cache(root)
     return files
 
 
@@ -61,6 +79,7 @@ def test_the_ready_familys_weights_are_read_first_then_the_later_ones(tmp_path: 
     assert [str(path.relative_to(tmp_path)) for path in prefetch.files] == sdxl_weights
     assert record == {
         "prefetch_bytes": sum(files[name] for name in sdxl_weights),
+        "prefetch_cached_bytes": 0,
         "prefetch_s": record["prefetch_s"],
     }
     assert record["prefetch_s"] >= 0
@@ -81,6 +100,48 @@ def test_each_family_reads_its_own_directories(tmp_path: Path) -> None:
     prompt = weight_files(full_settings(tmp_path, "sdxl,prompt"), ["prompt"])
     assert prompt == [tmp_path / "prompt/model.safetensors"]
     assert weight_files(full_settings(tmp_path / "none", "sdxl"), ["sdxl"]) == []  # none there: none read
+
+
+def test_files_in_the_page_cache_already_are_not_read_again(tmp_path: Path) -> None:
+    """A restarted worker's weights are in memory: copying them again only slows the imports beside
+    the prefetch. A file read whole is skipped; one with only its first pages in memory is read."""
+    files = layout(tmp_path)
+    unet = tmp_path / "sdxl/unet/diffusion_pytorch_model.safetensors"
+    encoder = tmp_path / "sdxl/text_encoder/model.safetensors"
+    encoder.read_bytes()
+    with unet.open("rb", buffering=0) as file:  # its first pages only: no read-ahead
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        os.pread(file.fileno(), 64 << 10, 0)
+    settings = full_settings(tmp_path, "sdxl,prompt")
+    prefetch = WeightPrefetch.start_for(settings, *ready_order(settings))
+    record = prefetch.record()
+    prefetch._thread.join()
+    unet_size, encoder_size = (files[str(path.relative_to(tmp_path))] for path in (unet, encoder))
+    assert record["prefetch_bytes"] == unet_size and record["prefetch_cached_bytes"] == encoder_size
+    assert prefetch.bytes_read == unet_size + files["prompt/model.safetensors"]
+    with unet.open("rb") as file:
+        assert in_page_cache(file.fileno())  # read now
+
+
+def test_where_the_page_cache_cannot_be_asked_every_file_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No ``RWF_NOWAIT`` (another OS), or a file system that refuses it: read, as before."""
+    files = layout(tmp_path)
+    (tmp_path / "prompt/model.safetensors").read_bytes()  # in memory, but that cannot be seen
+    prompt = weight_files(full_settings(tmp_path, "sdxl,prompt"), ["prompt"])
+
+    def refused(*args: object) -> int:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "preadv", refused)
+    refusing = WeightPrefetch(prompt, [], budget=None)
+    monkeypatch.delattr(os, "RWF_NOWAIT")
+    missing = WeightPrefetch(prompt, [], budget=None)
+    for prefetch in (refusing, missing):
+        prefetch.start()
+        assert prefetch.record()["prefetch_cached_bytes"] == 0
+        assert prefetch.bytes_read == files["prompt/model.safetensors"]
 
 
 def test_reading_stops_at_the_budget(tmp_path: Path) -> None:
@@ -114,14 +175,16 @@ def test_a_file_gone_before_it_is_read_stops_the_prefetch_quietly(
 def test_a_worker_reads_its_weights_at_start_and_records_them(
     s3_endpoint: str, sdxl_worker: Worker, tmp_path: Path
 ) -> None:
-    """A worker with baked weights (MODEL_PROFILE=full: the tiny SDXL, linked in) reads every
+    """A worker with baked weights (MODEL_PROFILE=full: the tiny SDXL, copied in) reads every
     weight file of SDXL once at start and says so in its start-up record."""
-    (tmp_path / "sdxl").symlink_to(TEST_MODELS_DIR / TINY_SUBDIR / "sdxl", target_is_directory=True)
+    shutil.copytree(TEST_MODELS_DIR / TINY_SUBDIR / "sdxl", tmp_path / "sdxl")
+    drop_from_page_cache(tmp_path / "sdxl")  # as on a new machine
     baked = tiny_settings(s3_endpoint, ["sdxl"], models_dir=tmp_path, model_profile="full")
     worker = start_worker(baked)
     sizes = [path.stat().st_size for path in (tmp_path / "sdxl").rglob("*.safetensors")]
     assert len(sizes) == 4  # the UNet, the VAE, both text encoders
     assert worker.startup["prefetch_bytes"] == sum(sizes) and worker.startup["prefetch_s"] >= 0
+    assert worker.startup["prefetch_cached_bytes"] == 0
 
 
 def test_the_budget_is_the_memory_available_to_the_container(
