@@ -3,7 +3,8 @@
 The benchmark builds its models just before it starts workers, so their files are in the page
 cache and a start never waits on the disk; a worker on a new machine reads them from a cold disk
 (or a network volume). ``POSIX_FADV_DONTNEED`` drops a file's clean cached pages, without
-privileges.
+privileges: each file is written to the disk first (fsync), so that pages the build has just
+written are dropped too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ def evict(roots: list[Path]) -> int:
             if path.is_file() and not path.is_symlink():
                 fd = os.open(path, os.O_RDONLY)
                 try:
+                    os.fsync(fd)
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 finally:
                     os.close(fd)

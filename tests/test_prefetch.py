@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from bench.page_cache import evict
 from src import prefetch as prefetch_module
 from src.families import ready_order
 from src.models import TINY_SUBDIR
@@ -25,17 +26,13 @@ MB = 1 << 20
 
 
 def drop_from_page_cache(root: Path) -> None:
-    """Write the files under ``root`` to the disk and drop them from the page cache, as on a new
-    machine (``POSIX_FADV_DONTNEED`` drops clean pages only: hence the fsync first)."""
+    """Drop the files under ``root`` from the page cache, as on a new machine (the benchmark's
+    ``evict``), and check that they are out of it."""
+    evict([root])
     for path in root.rglob("*"):
         if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                assert not in_page_cache(fd)
-            finally:
-                os.close(fd)
+            with path.open("rb") as file:
+                assert not in_page_cache(file.fileno())
 
 
 def layout(root: Path) -> dict[str, int]:
